@@ -29,17 +29,18 @@ class Corpus:
     name: str
     filename: str
     sha256: str
+    vocab_size: int  # of the reference file (for --dry-run without it)
     url: str | None = None  # None: no public copy, the user must provide the file
 
 
 CORPORA = {
     "tinyshakespeare": Corpus(
         "tinyshakespeare", "tinyshakespeare.txt",
-        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+        "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed", 65,
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
     ),
     "prediction": Corpus(  # the seed's problem 1 text
-        "prediction", "prediction.txt", "33b02598c2fb5de70e965e3f9e23748aa08be565cf3033d49b648365de71e677",
+        "prediction", "prediction.txt", "33b02598c2fb5de70e965e3f9e23748aa08be565cf3033d49b648365de71e677", 46,
     ),
 }
 
@@ -82,7 +83,7 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30) -> Path:
     return dest
 
 
-def resolve(name: str, data: Path | None = None) -> Path:
+def resolve(name: str, data: Path | None = None, allow_download: bool = True) -> Path:
     """The path of corpus `name`, found or downloaded as the module docstring says."""
     corpus = CORPORA[name]
     if data is not None:
@@ -97,7 +98,7 @@ def resolve(name: str, data: Path | None = None) -> Path:
         if path.is_file():
             return _checked(path, corpus)
     how = f"pass --data PATH (the file or its folder) or set CHARRNN_DATA_DIR to a folder holding {corpus.filename}"
-    if corpus.url is None:
+    if corpus.url is None or not allow_download:
         raise CorpusError(f"corpus {name!r} ({corpus.filename}) not found and has no public download: {how}")
     log.info("downloading %s to %s", corpus.url, cache_dir())
     try:
@@ -122,5 +123,6 @@ def split(text: str) -> tuple[str, str, str]:
 
 
 def prompt(name: str, text: str) -> str:
+    """The seed's prompt for this corpus; for a shorter, user-given text, its first 256 characters."""
     start, end = PROMPTS[name]
-    return text[start:end]
+    return text[start:end] if end <= len(text) else text[:256]

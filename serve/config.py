@@ -1,0 +1,72 @@
+"""The server's settings: one dataclass is the single source of truth, and the CLI is built from it."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ServerConfig:
+    models: Path = field(metadata={"help": "directory of checkpoints (torch) or exports (onnxruntime, tensorrt)"})
+    backend: str = _opt("torch", "how models are run", choices=BACKENDS)
+    providers: str = _opt("", "onnxruntime providers, comma separated (CPU, CUDA, TensorRT); default: the best available")
+    threads: int = _opt(0, "onnxruntime intra-op threads per model; 0: onnxruntime's default")
+    host: str = _opt("127.0.0.1", "address to bind; loopback unless asked otherwise")
+    port: int = _opt(50051, "gRPC port; 0 picks a free one (logged)")
+    metrics_port: int | None = _opt(None, "Prometheus /metrics port; 0 picks a free one; unset: no metrics endpoint")
+    max_batch: int = _opt(64, "streams stepped together in one backend call, per model")
+    max_streams: int = _opt(256, "concurrent Generate streams and Predict calls, all models; RESOURCE_EXHAUSTED past it")
+    max_prompt_chars: int = _opt(4096, "longest prompt (or Predict text)")
+    max_chars: int = _opt(4096, "cap on a request's max_chars")
+    default_chars: int = _opt(256, "max_chars when a request leaves it 0")
+    max_stop: int = _opt(8, "stop sequences per request")
+    max_stop_chars: int = _opt(64, "longest stop sequence")
+    max_top_k: int = _opt(1024, "cap on top_k (Generate and Predict)")
+    max_chunk_chars: int = _opt(1024, "cap on chunk_chars")
+    prefill_chunk: int = _opt(256, "prompt tokens per prefill call, so a long prompt delays other streams by one chunk per step")
+    session_ttl_s: float = _opt(600.0, "seconds a session's state is kept after its last stream")
+    max_sessions: int = _opt(10_000, "sessions kept; the least recently used is evicted past it")
+    max_session_id_chars: int = _opt(128, "longest session_id")
+    grace_s: float = _opt(10.0, "on SIGTERM: seconds in-flight streams get to finish before they are cancelled")
+
+    def __post_init__(self):
+        self.models = Path(self.models)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
+        positive = ("max_batch", "max_streams", "max_prompt_chars", "max_chars", "default_chars", "max_top_k",
+                    "max_chunk_chars", "prefill_chunk", "max_sessions", "max_session_id_chars")
+        bad = [name for name in positive if getattr(self, name) < 1]
+        if bad:
+            raise ValueError(f"must be >= 1: {', '.join(bad)}")
+        if self.default_chars > self.max_chars:
+            raise ValueError(f"default_chars {self.default_chars} exceeds max_chars {self.max_chars}")
+        if self.session_ttl_s <= 0 or self.grace_s < 0:
+            raise ValueError("session_ttl_s must be > 0 and grace_s >= 0")
+
+
+def parse_args(argv: list[str] | None = None) -> ServerConfig:
+    ap = argparse.ArgumentParser(prog="python -m serve", description="charrnn gRPC generation server",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = {"Path": Path, "str": str, "int": int, "float": float, "int | None": int}[str(f.type)]
+        kw = {"help": f.metadata["help"], "type": kind}
+        if "choices" in f.metadata:
+            kw["choices"] = f.metadata["choices"]
+        if f.default is MISSING:
+            kw["required"] = True
+        else:
+            kw["default"] = f.default
+        ap.add_argument(flag, **kw)
+    args = ap.parse_args(argv)
+    try:
+        return ServerConfig(**vars(args))
+    except ValueError as e:
+        ap.error(str(e))

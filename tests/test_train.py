@@ -1,0 +1,287 @@
+"""The trainer and the grid: architectures, honest splits, objectives, checkpoints, resume, errors."""
+import csv
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from train import corpus
+from train.checkpoint import CheckpointError, load_checkpoint
+from train.grid import PRESETS, grid_id
+from train.model import CharRNN, ModelConfig, count_parameters
+from train.sampling import generate, generate_refeed, sample
+from train.trainer import Job, TrainConfig, Trainer, train_one
+from train.vocab import Vocab, VocabError
+
+from conftest import DATA_DIR, ROOT
+
+SEED = ROOT.parent / "shared" / "seed"
+
+
+def _seed_rows():
+    for name, V in (("problem1.csv", 46), ("problem23.csv", 65)):
+        for r in csv.DictReader(open(SEED / name, newline="")):
+            yield r, V
+
+
+def test_parameter_counts_match_all_63_seed_rows():
+    rows = list(_seed_rows())
+    assert len(rows) == 63
+    for r, V in rows:
+        m = CharRNN(ModelConfig(r["rnn_type"].lower(), V, int(r["hidden_size"]), int(r["fc_layers"])))
+        assert count_parameters(m) == int(r["parameters"]), r
+
+
+def test_shipped_seed_tables_are_the_published_ones():
+    for name in ("problem1.csv", "problem23.csv"):
+        assert (ROOT / "train" / "seed" / name).read_bytes() == (SEED / name).read_bytes()
+
+
+def test_seed_preset_covers_the_seed_tables_in_order():
+    rows = PRESETS["seed"]["rows"]
+    assert len(rows) == 63
+    seed = [(r["rnn_type"].lower(), int(r["seq_len"]), int(r["hidden_size"]), int(r["fc_layers"])) for r, _ in _seed_rows()]
+    assert [(r["cell"], r["seq_len"], r["hidden_size"], r["fc_layers"]) for r in rows] == seed
+
+
+def test_dry_run_lists_the_grid_with_seed_parameter_counts():
+    out = subprocess.run([sys.executable, "-m", "train.grid", "--preset", "seed", "--dry-run"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    rows = list(csv.DictReader(out.splitlines()))
+    assert len(rows) == 63
+    assert {"model_id", "rnn_type", "seq_len", "hidden_size", "fc_layers", "vocab_size", "parameters",
+            "size_mb"} <= set(rows[0])
+    for ours, (seed, V) in zip(rows, _seed_rows()):
+        assert int(ours["parameters"]) == int(seed["parameters"])
+        assert int(ours["vocab_size"]) == V
+        assert float(ours["size_mb"]) == pytest.approx(float(seed["size_mb"]), abs=1e-5)
+
+
+# --- the corpus ---------------------------------------------------------------------------------
+
+def test_split_is_contiguous_90_5_5():
+    text = "".join(chr(65 + i % 26) for i in range(10_000))
+    tr, va, te = corpus.split(text)
+    assert tr + va + te == text
+    assert (len(tr), len(va), len(te)) == (9000, 500, 500)
+
+
+@pytest.mark.parametrize("objective", ["all", "last"])
+def test_training_batches_never_contain_held_out_text(tmp_path, objective):
+    # held-out 10% of this corpus is written with characters the training 90% never uses
+    text = "abcab" * 360 + "x" * 100 + "y" * 100  # 2,000 chars: train 1,800, validation 100, test 100
+    path = tmp_path / "c.txt"
+    path.write_text(text)
+    job = Job("t", "tinyshakespeare", str(path), "gru", 7, 8, 1, TrainConfig(objective=objective, batch_size=4), str(tmp_path))
+    tr = Trainer(job, quiet=True)
+    held = {tr.vocab.index["x"], tr.vocab.index["y"]}
+    seen = 0
+    for x, y in tr._batches():
+        seen += y.numel()
+        assert not held & set(x.flatten().tolist()) and not held & set(y.flatten().tolist())
+    assert seen >= (1800 - 7 - 4 * 7) if objective == "all" else seen == 1800 - 7
+    assert set(tr.val_ids.tolist()) == {tr.vocab.index["x"]}
+
+
+def test_missing_corpus_is_a_clear_error_exit_2(tmp_path):
+    env = {**os.environ, "CHARRNN_DATA_DIR": str(tmp_path), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "train.grid", "--preset", "seed-p1"], cwd=ROOT, env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "prediction.txt" in r.stderr and "--data" in r.stderr and "CHARRNN_DATA_DIR" in r.stderr
+
+
+def test_unknown_preset_is_a_usage_error():
+    r = subprocess.run([sys.executable, "-m", "train.grid", "--preset", "nope"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and "invalid choice" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_checksum_in_cache_is_an_error_never_used(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHARRNN_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    (tmp_path / "charrnn").mkdir()
+    (tmp_path / "charrnn" / "tinyshakespeare.txt").write_text("not shakespeare")
+    with pytest.raises(corpus.CorpusError, match="sha256"):
+        corpus.resolve("tinyshakespeare")
+
+
+def test_download_checks_sha256_and_writes_atomically(tmp_path):
+    src = tmp_path / "src.txt"
+    src.write_text("to be or not to be")
+    dest = tmp_path / "cache" / "t.txt"
+    with pytest.raises(corpus.CorpusError, match="sha256"):
+        corpus.download(src.as_uri(), dest, "0" * 64)
+    assert not dest.exists() and not list((tmp_path).glob("cache/*"))
+    good = corpus._sha256(src.read_bytes())
+    assert corpus.download(src.as_uri(), dest, good).read_text() == "to be or not to be"
+
+
+def test_offline_download_failure_says_how_to_provide_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("CHARRNN_DATA_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    missing = corpus.Corpus("tinyshakespeare", "tinyshakespeare.txt", "0" * 64, 65, (tmp_path / "nowhere.txt").as_uri())
+    monkeypatch.setitem(corpus.CORPORA, "tinyshakespeare", missing)
+    with pytest.raises(corpus.CorpusError, match="--data .*CHARRNN_DATA_DIR"):
+        corpus.resolve("tinyshakespeare")
+
+
+def test_data_dir_copy_is_found_and_checked(data_dir, monkeypatch):
+    monkeypatch.setenv("CHARRNN_DATA_DIR", str(data_dir))
+    assert corpus.resolve("tinyshakespeare") == data_dir / "tinyshakespeare.txt"
+    assert corpus.resolve("prediction", data_dir) == data_dir / "prediction.txt"
+
+
+# --- vocabulary, sampling, generation ------------------------------------------------------------
+
+def test_character_outside_the_vocabulary_is_a_clear_error():
+    v = Vocab.from_text("hello world")
+    with pytest.raises(VocabError, match=r"'Z' at position 3"):
+        v.encode("helZo")
+    model = CharRNN(ModelConfig("gru", len(v), 8))
+    with pytest.raises(VocabError):
+        generate(model, v, "hi Z", 5)
+
+
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+def test_carried_state_generation_equals_refeeding_the_full_history(cell):
+    torch.manual_seed(1)
+    v = Vocab.from_text("abcdefgh ")
+    model = CharRNN(ModelConfig(cell, len(v), 16, 2))
+    ours = generate(model, v, "abc hgf", 60)
+    full_history = generate_refeed(model, v, "abc hgf", 60, seq_len=10**9)  # whole history from a zero state
+    assert ours == full_history
+
+
+def test_sampler_filters_and_is_reproducible():
+    import numpy as np
+
+    logits = np.array([0.0, 1.0, 5.0, 2.0])
+    assert sample(logits) == 2
+    draws = lambda **kw: [sample(logits, rng=np.random.default_rng(7), **kw) for _ in range(3)]  # noqa: E731
+    assert draws(temperature=1.0) == draws(temperature=1.0)
+    rng = np.random.default_rng(0)
+    assert {sample(logits, 1.0, top_k=2, rng=rng) for _ in range(200)} == {2, 3}
+    assert {sample(logits, 1.0, top_p=0.5, rng=rng) for _ in range(200)} == {2}
+
+
+# --- training -----------------------------------------------------------------------------------
+
+def _small_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "small.txt"
+    path.write_text("the cat sat on the mat. " * 400)
+    return path
+
+
+@pytest.mark.parametrize("objective", ["all", "last"])
+def test_both_objectives_lower_the_held_out_loss(tmp_path, objective):
+    path = _small_corpus(tmp_path)
+    cfg = TrainConfig(objective=objective, epochs=3, batch_size=16 if objective == "all" else 256, lr=1e-2,
+                      evals_per_epoch=2, patience=0)
+    job = Job("m", "tinyshakespeare", str(path), "lstm", 12, 32, 1, cfg, str(tmp_path / "run"))
+    config = train_one(job, quiet=True)
+    V = len(config["vocab"])
+    evals = [json.loads(l) for l in (tmp_path / "run" / "m" / "metrics.jsonl").read_text().splitlines()]
+    key = "val_loss" if objective == "all" else "val_loss_window"
+    assert len(evals) == 6
+    assert evals[-1][key] < 0.5 * math.log(V)  # far below the uniform guess
+    assert config["metrics"][key] == pytest.approx(min(e[key] for e in evals), rel=1e-5)  # best weights kept
+    assert config["done"] and (tmp_path / "run" / "m" / "sample.txt").read_text().count("===") == 6
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    path = _small_corpus(tmp_path)
+    job = Job("m", "tinyshakespeare", str(path), "gru", 10, 16, 2, TrainConfig(epochs=1, patience=0), str(tmp_path))
+    tr = Trainer(job, quiet=True)
+    tr.dir.mkdir(parents=True)
+    tr.fit()
+    tr.save()
+    ckpt = load_checkpoint(tmp_path / "m")
+    best = tr.best_weights
+    for k, v in ckpt.model.state_dict().items():
+        assert torch.equal(v, best[k]), k
+    assert ckpt.vocab == tr.vocab and ckpt.model.cfg == tr.model.cfg
+
+
+def test_corrupted_checkpoint_is_a_clear_error(tmp_path, checkpoint_factory):
+    ckpt = checkpoint_factory(cell="gru")
+    (ckpt / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def _grid(out: Path, data: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "train.grid", "--preset", "quick", "--only", "rnn-h64-fc1-s50",
+            "--only", "gru-h64-fc1-s50", "--out", str(out), "--data", str(data), "--hidden-size", "64",
+            "--max-minutes", "0", "--patience", "0", *extra]
+
+
+def test_killed_grid_resumes_exactly_with_one_row_per_model(tmp_path, data_dir):
+    text = (data_dir / "tinyshakespeare.txt").read_text()[:60_000]
+    data = tmp_path / "tinyshakespeare.txt"
+    data.write_text(text)
+    args = ["--epochs", "3", "--evals-per-epoch", "2", "--batch-size", "8"]
+    ref = subprocess.run(_grid(tmp_path / "ref", tmp_path, *args), cwd=ROOT, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_grid(run, tmp_path, *args), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = run / "gru-h64-fc1-s50" / "metrics.jsonl"  # the second model: kill it mid-training
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "gru-h64-fc1-s50" / "config.json").is_file() or \
+        not json.loads((run / "gru-h64-fc1-s50" / "config.json").read_text())["done"]
+
+    again = subprocess.run(_grid(run, tmp_path, *args), cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    rows = list(csv.DictReader(open(run / "results.csv", newline="")))
+    assert sorted(r["model_id"] for r in rows) == ["gru-h64-fc1-s50", "rnn-h64-fc1-s50"]
+    for mid in ("rnn-h64-fc1-s50", "gru-h64-fc1-s50"):
+        evals = [json.loads(l)["eval"] for l in (run / mid / "metrics.jsonl").read_text().splitlines()]
+        assert evals == list(range(1, 7)), mid
+        # the resumed model ends where an uninterrupted run ends, bit for bit
+        assert (run / mid / "model.safetensors").read_bytes() == (tmp_path / "ref" / mid / "model.safetensors").read_bytes()
+
+    third = subprocess.run(_grid(run, tmp_path, *args), cwd=ROOT, capture_output=True, text=True)
+    assert third.returncode == 0
+    assert len(list(csv.DictReader(open(run / "results.csv", newline="")))) == 2
+
+
+def test_parallel_workers_and_report(tmp_path, data_dir):
+    data = tmp_path / "tinyshakespeare.txt"
+    data.write_text((data_dir / "tinyshakespeare.txt").read_text()[:30_000])
+    r = subprocess.run(_grid(tmp_path / "run", tmp_path, "--epochs", "1", "--workers", "2"), cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv", newline="")))
+    assert len(rows) == 2 and all(float(r["Validation Loss"]) > 0 for r in rows)
+    rep = subprocess.run([sys.executable, "-m", "train.report", str(tmp_path / "run")], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert rep.returncode == 0, rep.stderr
+    for name in ("loss_vs_parameters.png", "train_time_vs_seq_len.png", "learning_curves.png"):
+        assert (tmp_path / "run" / "report" / name).read_bytes()[:4] == b"\x89PNG"
+    assert "rnn-h64-fc1-s50" in (tmp_path / "run" / "report" / "seed_comparison.md").read_text()
+
+
+def test_ray_backend_runs_a_two_model_grid(tmp_path, data_dir):
+    pytest.importorskip("ray", reason="Ray is an optional extra (pip install 'charrnn[ray]')")
+    data = tmp_path / "tinyshakespeare.txt"
+    data.write_text((data_dir / "tinyshakespeare.txt").read_text()[:30_000])
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    r = subprocess.run(_grid(tmp_path / "run", tmp_path, "--epochs", "1", "--backend", "ray", "--threads", "1"),
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv", newline="")))
+    assert sorted(r["model_id"] for r in rows) == ["gru-h64-fc1-s50", "rnn-h64-fc1-s50"]

@@ -97,6 +97,11 @@ class OrtRuntime(Runtime):
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        names = {p if isinstance(p, str) else p[0] for p in providers or ["CPUExecutionProvider"]}
+        if meta.get("precision") == "fp16" and names <= {"CPUExecutionProvider"}:
+            # onnxruntime's CPU graph optimizer crashes the process (SIGSEGV, onnxruntime 1.32) on fp16
+            # recurrent models at ORT_ENABLE_ALL; the extended level runs them correctly.
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
         self.session = ort.InferenceSession(str(onnx_path), opts, providers=providers or ["CPUExecutionProvider"])
         self.providers = self.session.get_providers()
         self._state_in = ["h_in", "c_in"][: self.num_states]

@@ -96,7 +96,7 @@ def run(opts: ExportOptions, trt_opts: TrtOptions, triton_opts: TritonOptions) -
                 raise
             rows.append({**row, "status": "FAILED", "message": str(e)})
             continue
-        except Exception as e:  # noqa: BLE001: one broken model must not cost the rest of the grid
+        except Exception as e:  # noqa: BLE001 -- one broken model must not cost the rest of the grid
             if not is_grid:
                 raise
             log.debug("export of %s failed", ckpt_dir, exc_info=True)

@@ -67,12 +67,22 @@ def runtime_for(path: Path, provider: str):
             return TensorRTRuntime(path)
         except TensorRTUnavailable as e:
             raise Skip(str(e)) from None
+    return ort_runtime(path, provider)
+
+
+def ort_runtime(path: Path, provider: str) -> OrtRuntime:
+    """OrtRuntime on `provider` (cpu, cuda, tensorrt); Skip when this onnxruntime lacks it."""
     import onnxruntime as ort
 
-    wanted = [p if isinstance(p, str) else p[0] for p in PROVIDERS[provider]][0]
-    if wanted not in ort.get_available_providers():
-        raise Skip(f"{wanted} is not available in this onnxruntime ({', '.join(ort.get_available_providers())})")
-    return OrtRuntime(path, providers=PROVIDERS[provider])
+    providers = PROVIDERS[provider]
+    names = [p if isinstance(p, str) else p[0] for p in providers]
+    if names[0] not in ort.get_available_providers():
+        raise Skip(f"{names[0]} is not available in this onnxruntime ({', '.join(ort.get_available_providers())})")
+    try:
+        return OrtRuntime(path, providers=providers)
+    except Exception as e:  # noqa: BLE001 -- an onnxruntime without the use_tf32 option: run with its defaults
+        log.warning("%s with %s failed (%s); retrying without provider options", path, provider, e)
+        return OrtRuntime(path, providers=names)
 
 
 def check_one(path: Path, mdir: Path | None, provider: str, checkpoint: Path | None) -> dict:

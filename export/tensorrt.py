@@ -117,7 +117,7 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, opts: TrtOp
     network = builder.create_network(0)  # explicit batch in 10.x; strongly typed by default in 11.x
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
         raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
 
     config = builder.create_builder_config()

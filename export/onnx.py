@@ -83,10 +83,10 @@ def build_onnx(ckpt: Checkpoint, path: Path, precision: str = "fp32", opset: int
     finally:
         tmp.unlink(missing_ok=True)
     meta = {"model_id": manifest.export_name(ckpt.model_id, precision), "cell": cfg.cell,
-            "hidden_size": str(cfg.hidden_size),
-            "fc_layers": str(cfg.fc_layers), "vocab": json.dumps(ckpt.vocab.chars),
-            "checkpoint_sha256": checkpoint_sha256, "vocab_size": str(cfg.vocab_size),
-            "precision": precision, "format": "charrnn-step/1"}
+            "hidden_size": str(cfg.hidden_size), "fc_layers": str(cfg.fc_layers),
+            "vocab": json.dumps(ckpt.vocab.chars),  # a JSON string: vocabularies hold newlines
+            "checkpoint_sha256": checkpoint_sha256,  # sha256 of the checkpoint's model.safetensors
+            "vocab_size": str(cfg.vocab_size), "precision": precision, "format": "charrnn-step/1"}
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)

@@ -21,7 +21,7 @@ TOLERANCE = {"fp32": 1e-5, "fp16": 1e-2}  # atol = rtol, np.allclose style: |a -
 
 
 class ParityError(Exception):
-    """An exported model disagrees with eager PyTorch."""
+    """An exported model disagrees with eager PyTorch, or breaks the step-model contract it is checked against."""
 
 
 @dataclass(frozen=True)

@@ -204,16 +204,21 @@ class TensorRTRuntime(Runtime):
             self._limits.append((tuple(lo), tuple(hi)))
         self.stream.synchronize()
 
+    # Every GPU op of this runtime runs on its own stream, so state made by new_state/take/concat is
+    # ordered before the engine reads it, and freed blocks are reused only in that same order.
     def new_state(self, batch: int):
-        z = lambda: self.torch.zeros(batch, self.hidden_size, device=self.device, dtype=self._dtype["h_in"])  # noqa: E731
-        return tuple(z() for _ in range(self.num_states))
+        with self.torch.cuda.stream(self.stream):
+            return tuple(self.torch.zeros(batch, self.hidden_size, device=self.device, dtype=self._dtype["h_in"])
+                         for _ in range(self.num_states))
 
     def take(self, state, rows):
-        index = self.torch.as_tensor(rows, dtype=self.torch.int64, device=self.device)
-        return tuple(s.index_select(0, index) for s in state)
+        with self.torch.cuda.stream(self.stream):
+            index = self.torch.as_tensor(rows, dtype=self.torch.int64, device=self.device)
+            return tuple(s.index_select(0, index) for s in state)
 
     def concat(self, states: list):
-        return tuple(self.torch.cat(parts) for parts in zip(*states))
+        with self.torch.cuda.stream(self.stream):
+            return tuple(self.torch.cat(parts) for parts in zip(*states))
 
     def _profile(self, B: int, T: int) -> int:
         for p in ([0] if T == 1 else []) + list(range(1, len(self._contexts))) + [0]:

@@ -1,0 +1,9 @@
+"""Checkpoint -> exported step models, each checked against eager PyTorch before it counts as done.
+
+    python -m export --engine onnx|trt|triton --checkpoint PATH [--out DIR]    export (see --help)
+    python -m export.check PATH                                               re-run the parity check
+
+Modules: runtime (the step protocol every backend implements), onnx (the ONNX step model), parity
+(the check), manifest (manifest.json: provenance and "done"), tensorrt (engines and their runtime;
+needs an NVIDIA GPU), triton (a Triton model repository), check and __main__ (the command lines).
+"""

@@ -53,9 +53,11 @@ def require_tensorrt():
     """The tensorrt module, or TensorRTUnavailable saying what is missing and how to install it."""
     try:
         import tensorrt as trt
-    except ImportError:
+    except ModuleNotFoundError:
         raise TensorRTUnavailable(
             f"TensorRT is not installed (no `tensorrt` Python package); {INSTALL_HINT}.") from None
+    except (ImportError, OSError) as e:  # installed, but its libraries (libnvinfer, CUDA) do not load
+        raise TensorRTUnavailable(f"TensorRT is installed but does not load ({e}); {INSTALL_HINT}.") from None
     import torch
 
     if not torch.cuda.is_available():

@@ -12,16 +12,15 @@ from export.parity import ParitySpec
 from export.tensorrt import TensorRTUnavailable, TrtOptions, build_engine, require_tensorrt
 
 
-def _usable():
+def _missing() -> str:
     try:
         require_tensorrt()
-        return True
-    except TensorRTUnavailable:
-        return False
+        return ""
+    except TensorRTUnavailable as e:
+        return str(e)
 
 
-gpu = pytest.mark.skipif(not _usable(), reason="needs TensorRT and an NVIDIA GPU (pip install -e '.[trt]'); "
-                                               "scripts/gpu_check.sh runs these on a GPU machine")
+gpu = pytest.mark.skipif(bool(_missing()), reason=f"{_missing()} (scripts/gpu_check.sh runs these on a GPU machine)")
 
 
 # --- without a GPU ------------------------------------------------------------------------------------

@@ -33,6 +33,23 @@ def build(out_root: Path = ROOT) -> list[Path]:
     return [out / PROTO.parent / name for name in GENERATED]
 
 
+def descriptor():
+    """The FileDescriptorProto compiled from the .proto now (what the generated code must embed)."""
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
+
+    well_known = resources.files("grpc_tools") / "_proto"
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "set.pb"
+        if protoc.main(["protoc", f"-I{ROOT}", f"-I{well_known}", f"--descriptor_set_out={out}", str(ROOT / PROTO)]):
+            raise RuntimeError(f"protoc failed on {PROTO}")
+        fd = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+    for message in fd.message_type:  # the Python plugin leaves json_name out of the descriptor it embeds
+        for f in message.field:
+            f.ClearField("json_name")
+    return fd
+
+
 def stale() -> list[str]:
     """Generated files that differ from a fresh build (empty when up to date)."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,15 +14,17 @@ def _opt(default, help: str, **kw):
 
 @dataclass
 class ServerConfig:
-    models: Path = field(metadata={"help": "directory of checkpoints (torch) or exports (onnxruntime, tensorrt)"})
+    models: Path = field(metadata={"help": "directory of checkpoints (torch) or of exports (onnxruntime, tensorrt)"})
     backend: str = _opt("torch", "how models are run", choices=BACKENDS)
-    providers: str = _opt("", "onnxruntime providers, comma separated (CPU, CUDA, TensorRT); default: the best available")
-    threads: int = _opt(0, "onnxruntime intra-op threads per model; 0: onnxruntime's default")
+    providers: str = _opt("", "onnxruntime providers, comma separated (CPU, CUDA, TensorRT); default: the best "
+                              "available (CUDA, else CPU)")
+    threads: int = _opt(0, "intra-op threads: per model (onnxruntime), per process (torch); 0: the library's default")
     host: str = _opt("127.0.0.1", "address to bind; loopback unless asked otherwise")
     port: int = _opt(50051, "gRPC port; 0 picks a free one (logged)")
-    metrics_port: int | None = _opt(None, "Prometheus /metrics port; 0 picks a free one; unset: no metrics endpoint")
+    metrics_port: int | None = _opt(None, "Prometheus /metrics port; 0 picks a free one; unset: no endpoint")
     max_batch: int = _opt(64, "streams stepped together in one backend call, per model")
-    max_streams: int = _opt(256, "concurrent Generate streams and Predict calls, all models; RESOURCE_EXHAUSTED past it")
+    max_streams: int = _opt(256, "concurrent Generate streams and Predict calls, all models together; "
+                                 "RESOURCE_EXHAUSTED past it")
     max_prompt_chars: int = _opt(4096, "longest prompt (or Predict text)")
     max_chars: int = _opt(4096, "cap on a request's max_chars")
     default_chars: int = _opt(256, "max_chars when a request leaves it 0")
@@ -30,7 +32,8 @@ class ServerConfig:
     max_stop_chars: int = _opt(64, "longest stop sequence")
     max_top_k: int = _opt(1024, "cap on top_k (Generate and Predict)")
     max_chunk_chars: int = _opt(1024, "cap on chunk_chars")
-    prefill_chunk: int = _opt(256, "prompt tokens per prefill call, so a long prompt delays other streams by one chunk per step")
+    prefill_chunk: int = _opt(256, "prompt tokens per prefill call: a long prompt delays others by a chunk per step")
+    max_unsent: int = _opt(64, "messages a stream may run ahead of its client before it pauses (backpressure)")
     session_ttl_s: float = _opt(600.0, "seconds a session's state is kept after its last stream")
     max_sessions: int = _opt(10_000, "sessions kept; the least recently used is evicted past it")
     max_session_id_chars: int = _opt(128, "longest session_id")
@@ -41,7 +44,7 @@ class ServerConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
         positive = ("max_batch", "max_streams", "max_prompt_chars", "max_chars", "default_chars", "max_top_k",
-                    "max_chunk_chars", "prefill_chunk", "max_sessions", "max_session_id_chars")
+                    "max_chunk_chars", "prefill_chunk", "max_unsent", "max_sessions", "max_session_id_chars")
         bad = [name for name in positive if getattr(self, name) < 1]
         if bad:
             raise ValueError(f"must be >= 1: {', '.join(bad)}")

@@ -1,0 +1,109 @@
+"""Finding the models in a directory and opening each with a runtime of the chosen backend.
+
+Layouts (one directory per model, named by its id): checkpoints `<dir>/<id>/config.json` (torch),
+exports `<dir>/<id>/model.onnx` (onnxruntime) and `<dir>/<id>/model.engine` (tensorrt). DIR may also
+be a single model's directory. Everything else talks to the runtimes through `export.runtime.Runtime`.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from export.runtime import OrtRuntime, Runtime, TorchRuntime
+from train.checkpoint import CONFIG
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = {"torch": CONFIG, "onnxruntime": "model.onnx", "tensorrt": "model.engine"}
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+                 "tensorrt": "TensorrtExecutionProvider"}
+# The default: CUDA when present, else CPU. TensorRT's provider is opt-in: it builds an engine per new
+# input shape, and a scheduler's (B, T) changes from step to step.
+_DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class BackendError(Exception):
+    """The models cannot be opened as asked (nothing found, a backend missing, a bad file)."""
+
+
+def find_models(root: Path, backend: str) -> list[Path]:
+    name = MODEL_FILES[backend]
+    root = Path(root)
+    if (root / name).is_file():
+        return [root / name]
+    found = sorted(p / name for p in root.iterdir() if (p / name).is_file()) if root.is_dir() else []
+    if not found:
+        raise BackendError(f"no models for the {backend} backend in {root} (expected {root}/<model-id>/{name})")
+    return found
+
+
+def ort_providers(spec: str = "") -> list[str]:
+    """'CUDA,CPU' -> onnxruntime provider names; '' -> the best available. CPU always ends the list."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if not spec:
+        return [p for p in _DEFAULT_PROVIDERS if p in available]
+    names = []
+    for short in (s.strip().lower() for s in spec.split(",") if s.strip()):
+        if short not in ORT_PROVIDERS:
+            raise BackendError(f"unknown provider {short!r}; expected some of CPU, CUDA, TensorRT")
+        if ORT_PROVIDERS[short] not in available:
+            raise BackendError(f"provider {short!r} is not available in this onnxruntime "
+                               f"(available: {', '.join(available)})")
+        names.append(ORT_PROVIDERS[short])
+    return names + ["CPUExecutionProvider"] * ("CPUExecutionProvider" not in names)
+
+
+def _tensorrt_runtime_class():
+    """export.tensorrt.TensorRTRuntime, imported lazily (TensorRT needs an NVIDIA GPU); BackendError if missing."""
+    hint = "the tensorrt backend needs TensorRT and an NVIDIA GPU (pip install -e '.[trt]')"
+    try:
+        from export import tensorrt
+    except ImportError as e:
+        raise BackendError(f"{hint}: {e}") from None
+    unavailable = (ImportError, getattr(tensorrt, "TensorRTUnavailable", ImportError))
+    try:
+        if hasattr(tensorrt, "require_tensorrt"):
+            tensorrt.require_tensorrt()  # fail before looking for engines, with TensorRT's own message
+    except unavailable as e:
+        raise BackendError(f"{hint}: {e}") from None
+    return tensorrt.TensorRTRuntime
+
+
+def open_runtime(path: Path, backend: str, providers: list[str] | None = None, threads: int = 0) -> Runtime:
+    try:
+        if backend == "torch":
+            return TorchRuntime(path.parent)
+        if backend == "onnxruntime":
+            return OrtRuntime(path, providers, threads)
+        if backend == "tensorrt":
+            return _tensorrt_runtime_class()(path)
+    except BackendError:
+        raise
+    except Exception as e:  # corrupt or foreign files fail in many library-specific ways; name the file
+        raise BackendError(f"{path}: {e}") from None
+    raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(MODEL_FILES)}")
+
+
+def load_runtimes(root: Path, backend: str, providers: str = "", threads: int = 0) -> dict[str, Runtime]:
+    """Every model under root, by model id."""
+    if backend not in MODEL_FILES:
+        raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(MODEL_FILES)}")
+    ort = ort_providers(providers) if backend == "onnxruntime" else None
+    if backend == "torch" and threads:
+        import torch
+
+        torch.set_num_threads(threads)  # process-wide; on a busy machine fewer threads stall less
+    if backend == "tensorrt":
+        _tensorrt_runtime_class()
+    runtimes: dict[str, Runtime] = {}
+    for path in find_models(root, backend):
+        rt = open_runtime(path, backend, ort, threads)
+        if rt.model_id in runtimes:
+            raise BackendError(f"two models with id {rt.model_id!r} in {root}")
+        runtimes[rt.model_id] = rt
+        log.info("loaded %s (%s, %s h%d fc%d, %d chars) from %s%s", rt.model_id, rt.backend, rt.cell,
+                 rt.hidden_size, rt.fc_layers, len(rt.vocab), path,
+                 f" on {', '.join(rt.providers)}" if hasattr(rt, "providers") else "")
+    return runtimes

@@ -1,0 +1,212 @@
+"""Continuous batching: one scheduler per model steps all of its active streams together.
+
+Each scheduler owns a thread and its model's runtime (the only caller of `runtime.step`, so runtimes
+need not be thread-safe). A stream is anything with tokens to feed and an `advance(logits)` that
+consumes the logits after them; the scheduler never looks at text. Every scheduler step:
+
+1. admit waiting streams while fewer than `max_batch` are active; drop cancelled ones (their slot is
+   free for the next step);
+2. prefill: streams with more than one token to feed run all but the last (at most `prefill_chunk`
+   per step, so a long prompt delays the others by one chunk per step), batched by equal length;
+3. decode: every stream with exactly one token left (a prompt's last token or the character sampled
+   last step) is fed in ONE `runtime.step` on a (B, 1) batch; each stream then `advance`s on its row
+   of the logits and either names its next token or is done.
+
+Streams whose prompt is down to its last token join the decode batch (their state is concatenated onto
+it); finished and cancelled ones leave it (`runtime.take` of the rest). Membership only changes between
+steps. Events that streams produce in a step are handed to `deliver` in one call.
+
+Backpressure: a stream whose consumer has `max_unsent` events not yet taken (a slow or stalled client)
+is paused: it leaves the batch with its state and rejoins once half of them are taken (`ack`), so the
+server never runs ahead of a client by more than `max_unsent` messages.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable
+
+import numpy as np
+
+from export.runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+class Stream:
+    """A request inside a scheduler. Subclasses implement `advance`."""
+
+    def __init__(self, tokens: np.ndarray, state=None):
+        self.tokens = tokens  # (T,) int64 to feed before the next advance; T >= 1
+        self.state = state  # state of this stream alone: initial (None: zero), when paused, final once done
+        self.cancelled = False  # set via Scheduler.cancel; the scheduler drops the stream at its next step
+        self.done = False
+        self.paused = False
+        self.produced = 0  # events made (written by the scheduler thread only)
+        self.consumed = 0  # events taken by the consumer (written by its thread only)
+
+    @property
+    def unsent(self) -> int:
+        return self.produced - self.consumed
+
+    def advance(self, logits: np.ndarray, now: float):
+        """Consume the logits (V,) after `tokens`: set `tokens` to the next one or `done`; return an event or None."""
+        raise NotImplementedError
+
+    def fail(self, exc: BaseException):
+        """The event that ends this stream when the scheduler cannot run it."""
+        return exc
+
+
+class Scheduler:
+    def __init__(self, runtime: Runtime, deliver: Callable[[list], None], max_batch: int = 64,
+                 prefill_chunk: int = 256, max_unsent: int = 64, metrics=None):
+        self.runtime, self.deliver = runtime, deliver
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.max_unsent, self._resume_at = max_unsent, max_unsent // 2
+        self.metrics = metrics  # serve.metrics.ModelMetrics or None
+        self._inbox: deque[Stream] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._prefilling: list[Stream] = []  # each holds its own state
+        self._decoding: list[Stream] = []  # row i of self._state is stream i's
+        self._state = None
+        self._paused: list[Stream] = []  # each holds its own state
+        self._thread = threading.Thread(target=self._run, name=f"scheduler:{runtime.model_id}", daemon=True)
+
+    @property
+    def active(self) -> int:
+        return len(self._prefilling) + len(self._decoding) + len(self._paused)
+
+    def start(self) -> "Scheduler":
+        self._thread.start()
+        return self
+
+    def submit(self, stream: Stream) -> None:
+        with self._cv:
+            self._inbox.append(stream)
+            self._cv.notify()
+
+    def ack(self, stream: Stream) -> None:
+        """The consumer took one of the stream's events (called on the consumer's thread)."""
+        stream.consumed += 1
+        if stream.paused and stream.unsent <= self._resume_at:
+            self._wake()
+
+    def cancel(self, stream: Stream) -> None:
+        """Drop the stream at the next step (a no-op once it is done)."""
+        stream.cancelled = True
+        if stream.paused:
+            self._wake()
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def _has_work(self) -> bool:
+        return bool(self._inbox or self._prefilling or self._decoding or self._stopping
+                    or any(s.cancelled or s.unsent <= self._resume_at for s in self._paused))
+
+    def stop(self, exc: BaseException) -> None:
+        """Stop the thread; streams still inside end with `exc`."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join()
+        left = list(self._inbox) + self._prefilling + self._decoding + self._paused
+        self._inbox.clear()
+        self._reset()
+        self.deliver([(s, s.fail(exc)) for s in left])
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._has_work():  # paused streams are woken by ack/cancel; the timeout is a backstop
+                    self._cv.wait(timeout=1.0)
+                if self._stopping:
+                    return
+                room = self.max_batch - self.active
+                joining = [self._inbox.popleft() for _ in range(min(room, len(self._inbox)))]
+            events: list = []
+            try:
+                self._step(joining, events)
+            except Exception as exc:  # a backend failure ends the streams of this model, not the server
+                log.exception("%s: step failed; ending its %d streams", self.runtime.model_id, self.active)
+                events += [(s, s.fail(exc)) for s in self._prefilling + self._decoding + self._paused]
+                self._reset()
+            if events:
+                self.deliver(events)
+
+    def _reset(self) -> None:
+        self._prefilling, self._decoding, self._paused, self._state = [], [], [], None
+
+    def _step(self, joining: list[Stream], events: list) -> None:
+        self._prefilling += [s for s in joining if not s.cancelled]
+        self._prefilling = [s for s in self._prefilling if not s.cancelled]
+        if self._paused:  # resumed streams rejoin through the prefill list (one token left: straight to decode)
+            resumed = [s for s in self._paused if not s.cancelled and s.unsent <= self._resume_at]
+            self._paused = [s for s in self._paused if not s.cancelled and s.unsent > self._resume_at]
+            for s in resumed:
+                s.paused = False
+            self._prefilling += resumed
+        if any(s.cancelled for s in self._decoding):
+            self._leave([i for i, s in enumerate(self._decoding) if not s.cancelled])
+        if self._prefilling:
+            self._prefill()
+        if self._decoding:
+            self._decode(events)
+        if self.metrics:
+            self.metrics.active.set(self.active)
+            self.metrics.queued.set(len(self._inbox))
+
+    def _prefill(self) -> None:
+        """Run all but the last token of each prefilling stream (a chunk at most), batched by length."""
+        groups: dict[int, list[Stream]] = defaultdict(list)
+        for s in self._prefilling:
+            if len(s.tokens) > 1:
+                groups[min(len(s.tokens) - 1, self.prefill_chunk)].append(s)
+        rt = self.runtime
+        for n, group in groups.items():
+            tokens = np.stack([s.tokens[:n] for s in group])  # (G, n)
+            state = rt.concat([s.state if s.state is not None else rt.new_state(1) for s in group])
+            _, state = rt.step(tokens, state)
+            for i, s in enumerate(group):
+                s.tokens, s.state = s.tokens[n:], rt.take(state, [i])
+        ready = [s for s in self._prefilling if len(s.tokens) == 1]
+        if ready:
+            self._prefilling = [s for s in self._prefilling if len(s.tokens) > 1]
+            states = [s.state if s.state is not None else rt.new_state(1) for s in ready]
+            self._state = rt.concat(([self._state] if self._decoding else []) + states)
+            self._decoding += ready
+            for s in ready:
+                s.state = None
+
+    def _decode(self, events: list) -> None:
+        """One backend step for every decoding stream; each samples its next token from its row."""
+        batch = self._decoding
+        tokens = np.fromiter((s.tokens[0] for s in batch), np.int64, len(batch)).reshape(-1, 1)  # (B, 1)
+        logits, self._state = self.runtime.step(tokens, self._state)  # (B, V)
+        if self.metrics:
+            self.metrics.batch_size.observe(len(batch))
+        now = time.perf_counter()
+        keep = []
+        for i, s in enumerate(batch):
+            event = s.advance(logits[i], now)
+            if event is not None:
+                s.produced += 1
+                events.append((s, event))
+            if s.done or s.unsent >= self.max_unsent:
+                s.state = self.runtime.take(self._state, [i])
+                if not s.done:
+                    s.paused = True  # before the events go out: see ack
+                    self._paused.append(s)
+            else:
+                keep.append(i)
+        if len(keep) < len(batch):
+            self._leave(keep)
+
+    def _leave(self, keep: list[int]) -> None:
+        self._decoding = [self._decoding[i] for i in keep]
+        self._state = self.runtime.take(self._state, keep) if keep else None

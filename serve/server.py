@@ -1,0 +1,274 @@
+"""The gRPC edge: the Generator servicer, protobuf <-> serve.types, the error interceptor, health,
+reflection, metrics, and the process's lifecycle (`python -m serve`). Nothing below this module sees
+protobuf or gRPC status codes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import threading
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from export.runtime import Runtime
+from protos.charrnn.v1 import charrnn_pb2 as pb
+from protos.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.backends import BackendError, load_runtimes
+from serve.config import ServerConfig, parse_args
+from serve.engine import Engine
+from serve.errors import status_code
+from serve.metrics import Metrics
+from serve.types import Chunk, FinishReason, GenerateRequest, ModelInfo, Prediction, PredictRequest, SessionState
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "charrnn.v1.Generator"
+
+# protobuf <-> serve.types
+
+_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+           FinishReason.STOP: pb.FINISH_REASON_STOP}
+_SESSION = {SessionState.NONE: pb.SESSION_STATE_UNSPECIFIED, SessionState.NEW: pb.SESSION_STATE_NEW,
+            SessionState.CONTINUED: pb.SESSION_STATE_CONTINUED, SessionState.EXPIRED: pb.SESSION_STATE_EXPIRED,
+            SessionState.EVICTED: pb.SESSION_STATE_EVICTED}
+
+
+def generate_request_from_pb(m: pb.GenerateRequest) -> GenerateRequest:
+    return GenerateRequest(
+        model=m.model, prompt=m.prompt, max_chars=m.max_chars, temperature=m.temperature, top_k=m.top_k,
+        top_p=m.top_p if m.HasField("top_p") else 1.0, seed=m.seed if m.HasField("seed") else None,
+        stop=tuple(m.stop), session_id=m.session_id, chunk_chars=m.chunk_chars, require_session=m.require_session)
+
+
+def chunk_to_pb(c: Chunk) -> pb.GenerateResponse:
+    if c.stats is None:
+        return pb.GenerateResponse(text=c.text)
+    s = c.stats
+    stats = pb.GenerateStats(
+        prompt_chars=s.prompt_chars, generated_chars=s.generated_chars, time_to_first_char_s=s.time_to_first_char_s,
+        total_s=s.total_s, chars_per_second=s.chars_per_second, seed=s.seed, session=_SESSION[s.session], stop=s.stop)
+    return pb.GenerateResponse(text=c.text, finish_reason=_FINISH[c.finish_reason], stats=stats)
+
+
+def predict_request_from_pb(m: pb.PredictRequest) -> PredictRequest:
+    return PredictRequest(model=m.model, text=m.text, top_k=m.top_k)
+
+
+def predictions_to_pb(ps: list[Prediction]) -> pb.PredictResponse:
+    return pb.PredictResponse(predictions=[pb.Prediction(char=p.char, probability=p.probability) for p in ps])
+
+
+def model_info_to_pb(m: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(id=m.id, cell=m.cell, hidden_size=m.hidden_size, fc_layers=m.fc_layers, vocab=m.vocab,
+                        backend=m.backend)
+
+
+# the service
+
+class GeneratorServicer(pb_grpc.GeneratorServicer):
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    async def ListModels(self, request, context):
+        return pb.ListModelsResponse(models=[model_info_to_pb(m) for m in self.engine.models()])
+
+    async def Generate(self, request, context):
+        async for chunk in self.engine.generate(generate_request_from_pb(request)):
+            yield chunk_to_pb(chunk)
+
+    async def Predict(self, request, context):
+        return predictions_to_pb(await self.engine.predict(predict_request_from_pb(request)))
+
+
+class StatusInterceptor(grpc.aio.ServerInterceptor):
+    """The one place exceptions become gRPC statuses (serve.errors.status_code); counts requests by status."""
+
+    def __init__(self, metrics: Metrics):
+        self.requests = metrics.requests
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or not details.method.startswith(f"/{SERVICE}/"):
+            return handler
+        method = details.method.rsplit("/", 1)[1]
+        if handler.unary_stream:
+            return handler._replace(unary_stream=self._stream(method, handler.unary_stream))
+        return handler._replace(unary_unary=self._unary(method, handler.unary_unary))
+
+    def _stream(self, method, behaviour):
+        async def wrapper(request, context):
+            code = grpc.StatusCode.OK
+            try:
+                async for response in behaviour(request, context):
+                    yield response
+            except asyncio.CancelledError:
+                code = _cancel_code(context)
+                raise
+            except Exception as e:
+                code = status_code(e)
+                await self._abort(context, code, e)
+            finally:
+                self.requests.labels(method, code.name).inc()
+        return wrapper
+
+    def _unary(self, method, behaviour):
+        async def wrapper(request, context):
+            code = grpc.StatusCode.OK
+            try:
+                return await behaviour(request, context)
+            except asyncio.CancelledError:
+                code = _cancel_code(context)
+                raise
+            except Exception as e:
+                code = status_code(e)
+                await self._abort(context, code, e)
+            finally:
+                self.requests.labels(method, code.name).inc()
+        return wrapper
+
+    @staticmethod
+    async def _abort(context, code: grpc.StatusCode, e: Exception) -> None:
+        """End the RPC with this status (context.abort raises)."""
+        if code == grpc.StatusCode.INTERNAL:
+            log.error("internal error", exc_info=e)
+            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
+        await context.abort(code, str(e))
+
+
+def _cancel_code(context) -> grpc.StatusCode:
+    remaining = context.time_remaining()
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+
+
+# the process
+
+class StartError(Exception):
+    """The server cannot start (a port is taken, say)."""
+
+
+class Server:
+    """A running server: `await start()`, then `await drain_and_stop()` (what SIGTERM does)."""
+
+    def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None):
+        self.cfg = cfg
+        self.runtimes = runtimes if runtimes is not None else load_runtimes(cfg.models, cfg.backend, cfg.providers,
+                                                                             cfg.threads)
+        self.metrics = Metrics()
+        self.engine = Engine(self.runtimes, cfg, self.metrics)
+        self.health = health.aio.HealthServicer()
+        self.port = self.metrics_port = None
+        self._grpc: grpc.aio.Server | None = None
+        self._hurry = asyncio.Event()
+
+    async def start(self) -> "Server":
+        # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it
+        server = self._grpc = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics)],
+                                              options=[("grpc.so_reuseport", 0)])
+        pb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self.engine), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, server)
+        address = f"{self.cfg.host}:{self.cfg.port}"
+        try:
+            self.port = server.add_insecure_port(address)
+            if self.cfg.metrics_port is not None:
+                self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port)
+        except (RuntimeError, OSError) as e:
+            raise StartError(f"cannot listen on {address} (metrics port {self.cfg.metrics_port}): {e}") from None
+        self.engine.start()
+        await server.start()
+        for name in ["", SERVICE, *self.runtimes]:  # overall, the service, and each model by id
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %d model(s) (%s) on %s:%d%s", len(self.runtimes), ", ".join(self.runtimes),
+                 self.cfg.host, self.port, f"; metrics on :{self.metrics_port}" if self.metrics_port else "")
+        return self
+
+    async def drain_and_stop(self, grace_s: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new requests, give in-flight ones grace_s to finish, cancel the rest."""
+        grace_s = self.cfg.grace_s if grace_s is None else grace_s
+        t0 = time.monotonic()
+        await self.health.enter_graceful_shutdown()
+        self.engine.drain()
+        log.info("draining: %d request(s) in flight, %.1f s grace", self.engine.in_flight, grace_s)
+        waits = [asyncio.ensure_future(self.engine.wait_idle()), asyncio.ensure_future(self._hurry.wait())]
+        await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
+        for w in waits:
+            w.cancel()
+        if self.engine.in_flight:
+            log.warning("cancelling %d request(s) still in flight", self.engine.in_flight)
+        await self._grpc.stop(0)
+        self.engine.stop()
+        self.metrics.close()
+        log.info("stopped after %.2f s", time.monotonic() - t0)
+
+    def hurry(self) -> None:
+        """Cut a drain's grace period short."""
+        self._hurry.set()
+
+
+class BackgroundServer:
+    """A Server on an event loop of its own thread, for synchronous programs (tests, notebooks, benchmarks).
+
+        with BackgroundServer(ServerConfig(models=dir, port=0)) as bg:
+            stub = clients.api.stub(bg.target)
+    """
+
+    def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-server", daemon=True)
+        self._thread.start()
+        try:
+            self.server = self.call(Server(cfg, runtimes).start())
+        except BaseException:
+            self._close_loop()
+            raise
+
+    @property
+    def target(self) -> str:
+        return f"{self.server.cfg.host}:{self.server.port}"
+
+    def call(self, coro, timeout: float | None = 60):
+        """Run a coroutine on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def stop(self, grace_s: float = 0.0) -> None:
+        self.call(self.server.drain_and_stop(grace_s))
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+    def __enter__(self) -> "BackgroundServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+async def run(cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None) -> None:
+    """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the grace period short."""
+    server = await Server(cfg, runtimes).start()
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, lambda: server.hurry() if signalled.is_set() else signalled.set())
+    await signalled.wait()
+    await server.drain_and_stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = parse_args(argv)
+    try:
+        runtimes = load_runtimes(cfg.models, cfg.backend, cfg.providers, cfg.threads)
+        asyncio.run(run(cfg, runtimes))
+    except (BackendError, StartError) as e:
+        log.error("%s", e)
+        return 2
+    return 0

@@ -1,0 +1,85 @@
+"""Sessions: the state a stream leaves behind, kept by id so a later request continues from it.
+
+A session's entry is the runtime state of one stream plus the tokens generated but not yet fed (the
+last character: it was sampled from the logits, not run through the model). Continuing feeds those
+tokens before the new prompt, so two 50-character requests in one session equal one of 100.
+
+Entries expire `ttl_s` after their last use and the least recently used is evicted past `capacity`;
+the ids of dropped entries are remembered (as many as `capacity`) so the next request can say why it
+started fresh. A session is checked out while a stream uses it: a second concurrent stream is refused.
+Used from the event loop thread only.
+"""
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from serve.errors import InvalidArgument, NotFound, SessionBusy
+from serve.types import SessionState
+
+
+@dataclass
+class Session:
+    model: str
+    state: object  # runtime state of one stream (opaque)
+    pending: np.ndarray  # int64 tokens to feed before the next prompt
+
+
+class SessionCache:
+    def __init__(self, ttl_s: float, capacity: int, clock=time.monotonic):
+        self.ttl_s, self.capacity, self.clock = ttl_s, capacity, clock
+        self._live: OrderedDict[str, tuple[Session, float]] = OrderedDict()  # id -> (session, expiry); LRU first
+        self._gone: OrderedDict[str, SessionState] = OrderedDict()  # id -> EXPIRED | EVICTED
+        self._busy: set[str] = set()
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._live)
+
+    def checkout(self, sid: str, model: str, required: bool = False) -> tuple[Session | None, SessionState]:
+        """Take the session for one stream: (its state or None when starting fresh, what happened)."""
+        if sid in self._busy:
+            raise SessionBusy(f"session {sid!r} is in use by another stream")
+        self._expire()
+        entry = self._live.get(sid)
+        if entry is not None and entry[0].model != model:
+            raise InvalidArgument(f"session {sid!r} holds the state of model {entry[0].model!r}, not {model!r}")
+        if entry is None:
+            why = self._gone.get(sid, SessionState.NEW)
+            if required:
+                detail = {SessionState.NEW: "does not exist", SessionState.EXPIRED: "has expired",
+                          SessionState.EVICTED: "was evicted"}[why]
+                raise NotFound(f"session {sid!r} {detail}")
+            self._busy.add(sid)
+            return None, why
+        del self._live[sid]
+        self._busy.add(sid)
+        return entry[0], SessionState.CONTINUED
+
+    def checkin(self, sid: str, session: Session | None) -> None:
+        """Return the session after its stream: the new state, or the old one (None: none) when it failed."""
+        self._busy.discard(sid)
+        if session is None:
+            return
+        self._gone.pop(sid, None)
+        self._live[sid] = (session, self.clock() + self.ttl_s)
+        while len(self._live) > self.capacity:
+            old, _ = self._live.popitem(last=False)
+            self._forget(old, SessionState.EVICTED)
+
+    def _expire(self) -> None:
+        now = self.clock()
+        while self._live:
+            sid, (_, expiry) = next(iter(self._live.items()))
+            if expiry > now:  # entries are in last-use order, so the rest expire later
+                break
+            del self._live[sid]
+            self._forget(sid, SessionState.EXPIRED)
+
+    def _forget(self, sid: str, why: SessionState) -> None:
+        self._gone[sid] = why
+        while len(self._gone) > self.capacity:
+            self._gone.popitem(last=False)

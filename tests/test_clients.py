@@ -1,0 +1,57 @@
+"""The command-line clients against a real server."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import make_checkpoint
+
+from clients import generate as generate_cli
+from clients import loadgen
+from serve.config import ServerConfig
+from serve.server import BackgroundServer
+from train.checkpoint import load_checkpoint
+from train.sampling import generate
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    ckpt = make_checkpoint(root, cell="lstm", hidden=16)
+    with BackgroundServer(ServerConfig(models=root, port=0)) as bg:
+        yield bg, load_checkpoint(ckpt)
+
+
+def test_generate_cli_streams_the_text(served, capsys):
+    bg, ck = served
+    args = ["--target", bg.target, "--model", ck.model_id, "--prompt", "the ", "--max-chars", "40",
+            "--temperature", "0.8", "--seed", "3", "--stats", "--session", "cli"]
+    assert generate_cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert out == generate(ck.model, ck.vocab, "the ", 40, 0.8, seed=3) + "\n"
+    assert "finish: length; 40 chars" in err and "seed 3" in err and "session new" in err
+    assert generate_cli.main(["--target", bg.target, "--model", ck.model_id, "--session", "cli", "--max-chars",
+                              "5", "--stats"]) == 0
+    assert "session continued" in capsys.readouterr().err
+
+
+def test_generate_cli_list_predict_and_errors(served, capsys):
+    bg, ck = served
+    assert generate_cli.main(["--target", bg.target, "--list"]) == 0
+    assert capsys.readouterr().out.startswith(f"{ck.model_id}\tlstm h16 fc2\t")
+    assert generate_cli.main(["--target", bg.target, "--model", ck.model_id, "--prompt", "the", "--predict", "3"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 3
+    assert generate_cli.main(["--target", bg.target, "--model", "nope", "--prompt", "a"]) == 1
+    assert "error: NOT_FOUND: unknown model 'nope'" in capsys.readouterr().err
+
+
+def test_loadgen_reports_and_writes_json(served, tmp_path, capsys):
+    bg, ck = served
+    out = tmp_path / "load.json"
+    assert loadgen.main(["--target", bg.target, "--concurrency", "4", "--requests", "8", "--max-chars", "25",
+                         "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert (result["ok"], result["errors"], result["chars"]) == (8, {}, 200)
+    assert result["model"] == ck.model_id and result["chars_per_s"] > 0
+    assert set(result["ttfc_ms"]) == {"p50", "p90", "p99"} and set(result["inter_char_ms"]) == {"p50", "p99"}
+    assert "aggregate" in capsys.readouterr().out

@@ -1,0 +1,464 @@
+"""The generation server over real sockets: a real server on an ephemeral loopback port, real gRPC clients.
+
+Every generated text is checked against eager PyTorch (`train.sampling.generate`, carried state):
+greedy character for character, and seeded sampling too (the server uses the same sampler with a
+per-stream generator, so the same seed must give the same text whatever else is batched).
+"""
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from conftest import make_checkpoint
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from clients import api
+from export.runtime import TorchRuntime
+from protos.charrnn.v1 import charrnn_pb2 as pb
+from serve.config import ServerConfig
+from serve.errors import NotFound, SessionBusy
+from serve.server import BackgroundServer
+from serve.sessions import Session, SessionCache
+from serve.types import SessionState
+from train.checkpoint import load_checkpoint, save_weights
+from train.sampling import generate
+
+CELLS = ("rnn", "lstm", "gru")
+TEXT = "the quick brown fox jumps over the lazy dog.\nTHE END!\n"
+BIG = 100_000  # max_chars of the long streams (the small servers' cap): far longer than any test waits
+
+
+def make_models(root, cells=CELLS, hidden=32):
+    """Random-weight checkpoints, weights scaled x3 so that greedy text varies instead of repeating one char."""
+    for i, cell in enumerate(cells):
+        ckpt = make_checkpoint(root, cell=cell, hidden=hidden, fc=1, text=TEXT, seed=i + 1)
+        model = load_checkpoint(ckpt).model
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(3.0)
+        save_weights(ckpt / "model.safetensors", model)
+    return root
+
+
+def model_name(cell, hidden=32):
+    return f"{cell}-h{hidden}-fc1-s16"
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return make_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="module")
+def eager(models_dir):
+    """Model id -> Checkpoint (the eager PyTorch reference)."""
+    return {model_name(c): load_checkpoint(models_dir / model_name(c)) for c in CELLS}
+
+
+def reference(eager, model, prompt, n, temperature=0.0, top_k=0, top_p=1.0, seed=0):
+    ck = eager[model]
+    return generate(ck.model, ck.vocab, prompt, n, temperature, top_k, top_p, seed)
+
+
+@pytest.fixture(scope="module")
+def server(models_dir):
+    with BackgroundServer(ServerConfig(models=models_dir, port=0, metrics_port=0, max_chars=2000)) as bg:
+        yield bg
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    return api.stub(server.target)
+
+
+def run(stub, **kw):
+    """(text, message texts, last message) of one Generate call."""
+    msgs = list(stub.Generate(api.generate_request(**kw), timeout=60))
+    return "".join(m.text for m in msgs), [m.text for m in msgs], msgs[-1]
+
+
+def code_of(call) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code()
+
+
+# the protocol
+
+
+def test_list_models(stub, eager):
+    models = {m.id: m for m in api.list_models(stub)}
+    assert set(models) == set(eager)
+    m = models[model_name("lstm")]
+    assert (m.cell, m.hidden_size, m.fc_layers, m.backend) == ("lstm", 32, 1, "torch")
+    assert m.vocab == eager[m.id].vocab.chars
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_greedy_equals_eager(stub, eager, cell):
+    model = model_name(cell)
+    want = reference(eager, model, "the quick ", 120)
+    for chunk in (1, 7):
+        text, parts, last = run(stub, model=model, prompt="the quick ", max_chars=120, chunk_chars=chunk)
+        assert text == want
+        assert all(len(p) == chunk for p in parts[:-1]) and 1 <= len(parts[-1]) <= chunk
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert last.stats.generated_chars == 120 and last.stats.prompt_chars == 10
+        assert 0 < last.stats.time_to_first_char_s <= last.stats.total_s and last.stats.chars_per_second > 0
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_seeded_sampling_equals_eager(stub, eager, cell):
+    model = model_name(cell)
+    kw = dict(temperature=0.9, top_k=12, top_p=0.95, seed=1234)
+    text, _, last = run(stub, model=model, prompt="over the ", max_chars=150, **kw)
+    assert text == reference(eager, model, "over the ", 150, **kw)
+    assert last.stats.seed == 1234
+    unseeded = run(stub, model=model, prompt="over the ", max_chars=40, temperature=1.0)
+    assert unseeded[0] == reference(eager, model, "over the ", 40, 1.0, seed=unseeded[2].stats.seed)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_session_continues_where_it_stopped(stub, eager, cell):
+    model, sid = model_name(cell), f"cont-{cell}"
+    first, _, a = run(stub, model=model, prompt="the ", max_chars=50, session_id=sid)
+    second, _, b = run(stub, model=model, max_chars=50, session_id=sid, require_session=True)
+    assert first + second == run(stub, model=model, prompt="the ", max_chars=100)[0]
+    assert first + second == reference(eager, model, "the ", 100)
+    assert (a.stats.session, b.stats.session) == (pb.SESSION_STATE_NEW, pb.SESSION_STATE_CONTINUED)
+    third, _, _ = run(stub, model=model, prompt=" and the ", max_chars=30, session_id=sid)  # a new prompt mid-session
+    assert third == reference(eager, model, "the " + first + second + " and the ", 30)
+
+
+def test_predict_top_k_probabilities(stub, eager):
+    model = model_name("gru")
+    ck = eager[model]
+    with torch.inference_mode():
+        logits, _ = ck.model(torch.from_numpy(ck.vocab.encode("the lazy ")).unsqueeze(0))
+    p = torch.softmax(logits[0, -1].double(), -1).numpy()
+    got = api.predict(stub, model, "the lazy ", top_k=4)
+    order = np.argsort(-p, kind="stable")[:4]
+    assert [c for c, _ in got] == [ck.vocab.chars[i] for i in order]
+    np.testing.assert_allclose([q for _, q in got], p[order], rtol=1e-5)
+    assert len(api.predict(stub, model, "the lazy ")) == 5  # top_k 0: the default
+    assert len(api.predict(stub, model, "the lazy ", top_k=500)) == len(ck.vocab)
+
+
+def test_stop_sequences(stub, eager):
+    model = model_name("rnn")
+    full = reference(eager, model, "the ", 200)
+    stop = full[40:43]
+    end = full.index(stop) + len(stop)
+    text, _, last = run(stub, model=model, prompt="the ", max_chars=200, stop=[stop, "never!!"], chunk_chars=5)
+    assert text == full[:end]  # the stop sequence is included
+    assert last.finish_reason == pb.FINISH_REASON_STOP and last.stats.stop == stop
+
+
+def test_32_concurrent_streams_all_correct(server, eager):
+    """Mixed models, prompts, lengths, chunking, greedy and seeded sampling: each as if it ran alone."""
+    stub = api.stub(server.target)
+    jobs = []
+    for i in range(32):
+        model = model_name(CELLS[i % 3])
+        prompt = TEXT[i % 20: i % 20 + 1 + i % 7]
+        sampling = dict(temperature=0.8, top_k=0, top_p=0.9, seed=100 + i) if i % 2 else {}
+        jobs.append(dict(model=model, prompt=prompt, max_chars=60 + 5 * i, chunk_chars=1 + i % 4, **sampling))
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda kw: run(stub, **kw), jobs))
+    for kw, (text, _, last) in zip(jobs, results):
+        sampling = {k: kw[k] for k in ("temperature", "top_k", "top_p", "seed") if k in kw}
+        assert text == reference(eager, kw["model"], kw["prompt"], kw["max_chars"], **sampling), kw
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_seeded_sampling_reproducible_under_load(server):
+    stub = api.stub(server.target)
+    target = dict(model=model_name("lstm"), prompt="jumps ", max_chars=200, temperature=1.0, seed=77)
+    alone = run(stub, **target)[0]
+    noise = [dict(model=model_name("lstm"), prompt=TEXT[i:i + 3], max_chars=150, temperature=1.2, seed=i)
+             for i in range(15)]
+    with ThreadPoolExecutor(18) as pool:
+        futures = [pool.submit(run, stub, **target) for _ in range(3)] + [pool.submit(run, stub, **kw) for kw in noise]
+        texts = [f.result()[0] for f in futures]
+    assert texts[:3] == [alone] * 3
+
+
+def test_health(server):
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(server.target))
+    for name in ["", "charrnn.v1.Generator", model_name("rnn")]:
+        reply = health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    assert code_of(lambda: health.Check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)) \
+        == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection(server):
+    db = ProtoReflectionDescriptorDatabase(grpc.insecure_channel(server.target))
+    services = set(db.get_services())
+    assert {"charrnn.v1.Generator", "grpc.health.v1.Health"} <= services
+    service = DescriptorPool(db).FindServiceByName("charrnn.v1.Generator")  # built from the server's answers
+    assert set(service.methods_by_name) == {"ListModels", "Generate", "Predict"}
+    method = service.methods_by_name["Generate"]
+    assert method.server_streaming and method.output_type.full_name == "charrnn.v1.GenerateResponse"
+
+
+def test_metrics(server, stub):
+    run(stub, model=model_name("gru"), prompt="a", max_chars=20)
+    code_of(lambda: run(stub, model="nope", prompt="a"))
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read().decode()
+    for name in ["charrnn_time_to_first_char_seconds_count", "charrnn_inter_char_seconds_bucket",
+                 "charrnn_batch_size_count", "charrnn_active_streams", "charrnn_sessions",
+                 'charrnn_requests_total{code="OK",method="Generate"}',
+                 'charrnn_requests_total{code="NOT_FOUND",method="Generate"}']:
+        assert name in body, name
+
+
+# the onnxruntime backend: the same server on exported step models
+
+
+@pytest.fixture(scope="module")
+def ort_server(models_dir, tmp_path_factory):
+    from export.onnx import export_onnx
+    from export.parity import ParitySpec
+
+    exports = tmp_path_factory.mktemp("exports")
+    quick = ParitySpec(batches=(1, 3), prefills=(5,), steps=20)  # the export's own tests run the full check
+    for cell in CELLS:
+        export_onnx(models_dir / model_name(cell), exports / model_name(cell), parity=quick)
+    cfg = ServerConfig(models=exports, backend="onnxruntime", providers="cpu", threads=1, port=0)
+    with BackgroundServer(cfg) as bg:
+        yield bg
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_onnxruntime_backend_equals_eager(ort_server, eager, cell):
+    stub = api.stub(ort_server.target)
+    model = model_name(cell)
+    assert {m.id: m.backend for m in api.list_models(stub)}[model] == "onnxruntime"
+    assert run(stub, model=model, prompt="the quick ", max_chars=120)[0] == reference(eager, model, "the quick ", 120)
+    kw = dict(temperature=0.9, top_k=12, top_p=0.95, seed=1234)
+    assert run(stub, model=model, prompt="over the ", max_chars=150, **kw)[0] == \
+        reference(eager, model, "over the ", 150, **kw)
+    sid = f"ort-{cell}"
+    halves = [run(stub, model=model, prompt=p, max_chars=50, session_id=sid)[0] for p in ("the ", "")]
+    assert "".join(halves) == reference(eager, model, "the ", 100)
+
+
+# bad requests
+
+GOOD = dict(model=model_name("lstm"), prompt="the ", max_chars=10)
+BAD = [
+    ("unknown model", dict(GOOD, model="lstm-h9999-fc1-s1"), grpc.StatusCode.NOT_FOUND),
+    ("empty model name", dict(GOOD, model=""), grpc.StatusCode.INVALID_ARGUMENT),
+    ("character outside the vocabulary", dict(GOOD, prompt="the Zebra"), grpc.StatusCode.INVALID_ARGUMENT),
+    ("negative temperature", dict(GOOD, temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT),
+    ("NaN temperature", dict(GOOD, temperature=float("nan")), grpc.StatusCode.INVALID_ARGUMENT),
+    ("top_p 0", dict(GOOD, top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT),
+    ("top_p above 1", dict(GOOD, top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT),
+    ("max_chars over the cap", dict(GOOD, max_chars=2001), grpc.StatusCode.INVALID_ARGUMENT),
+    ("unknown session when required", dict(GOOD, session_id="never-seen", require_session=True),
+     grpc.StatusCode.NOT_FOUND),
+    ("nothing to continue", dict(GOOD, prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
+    ("empty prompt, unknown session", dict(GOOD, prompt="", session_id="never-seen-2"),
+     grpc.StatusCode.INVALID_ARGUMENT),
+    ("prompt too long", dict(GOOD, prompt="a" * 4097), grpc.StatusCode.INVALID_ARGUMENT),
+    ("too many stop sequences", dict(GOOD, stop=["a"] * 9), grpc.StatusCode.INVALID_ARGUMENT),
+    ("empty stop sequence", dict(GOOD, stop=[""]), grpc.StatusCode.INVALID_ARGUMENT),
+    ("stop sequence too long", dict(GOOD, stop=["a" * 65]), grpc.StatusCode.INVALID_ARGUMENT),
+    ("top_k over the cap", dict(GOOD, top_k=5000), grpc.StatusCode.INVALID_ARGUMENT),
+    ("chunk_chars over the cap", dict(GOOD, chunk_chars=5000), grpc.StatusCode.INVALID_ARGUMENT),
+    ("session_id too long", dict(GOOD, session_id="s" * 200), grpc.StatusCode.INVALID_ARGUMENT),
+    ("require_session without an id", dict(GOOD, require_session=True), grpc.StatusCode.INVALID_ARGUMENT),
+]
+
+
+@pytest.mark.parametrize("what,kw,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_status(stub, what, kw, code):
+    assert code_of(lambda: run(stub, **kw)) == code
+    assert run(stub, **GOOD)[2].finish_reason == pb.FINISH_REASON_LENGTH  # and the server keeps serving
+
+
+def test_bad_predict_and_session_requests(stub):
+    assert code_of(lambda: api.predict(stub, model_name("gru"), "")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: api.predict(stub, "nope", "a")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: api.predict(stub, model_name("gru"), "a", top_k=5000)) == grpc.StatusCode.INVALID_ARGUMENT
+    run(stub, model=model_name("gru"), prompt="a", max_chars=5, session_id="gru-owned")
+    other = dict(model=model_name("rnn"), prompt="a", max_chars=5, session_id="gru-owned")
+    assert code_of(lambda: run(stub, **other)) == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_bad_requests_do_not_disturb_other_streams(server, eager):
+    stub = api.stub(server.target)
+    kw = dict(model=model_name("gru"), prompt="over ", max_chars=1500, temperature=0.7, seed=5)
+    with ThreadPoolExecutor(1) as pool:
+        long = pool.submit(run, stub, **kw)
+        for _, bad, code in BAD:
+            assert code_of(lambda bad=bad: run(stub, **bad)) == code
+        text = long.result()[0]
+    assert text == reference(eager, kw["model"], "over ", 1500, 0.7, seed=5)
+
+
+# limits, cancellation, deadlines, sessions: a server with small limits of its own
+
+
+@pytest.fixture
+def small(models_dir):
+    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_streams=1, max_chars=BIG,
+                       session_ttl_s=0.5, max_sessions=1)
+    with BackgroundServer(cfg) as bg:
+        yield bg
+
+
+def active_streams(bg) -> float:
+    return metric(bg, "charrnn_active_streams{")
+
+
+def wait_until(cond, timeout=5.0):
+    t0 = time.monotonic()
+    while not cond():
+        if time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_capacity_and_cancelled_stream_frees_its_slot(small):
+    stub = api.stub(small.target)
+    call = stub.Generate(api.generate_request(model_name("lstm"), "the ", BIG, session_id="cancelled"), timeout=60)
+    next(call)  # streaming
+    assert active_streams(small) == 1
+    assert code_of(lambda: run(stub, **GOOD)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    call.cancel()
+    assert wait_until(lambda: active_streams(small) == 0 and small.server.engine.in_flight == 0)
+    assert run(stub, **GOOD)[2].finish_reason == pb.FINISH_REASON_LENGTH
+    # a cancelled stream does not advance (or create) its session
+    resume = dict(GOOD, prompt="", session_id="cancelled", require_session=True)
+    assert code_of(lambda: run(stub, **resume)) == grpc.StatusCode.NOT_FOUND
+
+
+def metric(bg, name) -> float:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{bg.server.metrics_port}/metrics", timeout=5).read().decode()
+    return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
+
+
+def test_a_stalled_client_pauses_its_stream(small, eager):
+    """Backpressure: the server runs at most max_unsent messages ahead of a client that stops reading."""
+    # a small flow-control window, so that grpc itself holds only a few of the messages
+    channel = grpc.insecure_channel(small.target, [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)])
+    call = api.pb_grpc.GeneratorStub(channel).Generate(api.generate_request(model_name("gru"), "the ", BIG), timeout=60)
+    first = next(call).text
+    time.sleep(0.3)  # the client reads nothing: the stream fills grpc's window, then max_unsent, then pauses
+    steps = metric(small, "charrnn_batch_size_count")
+    time.sleep(0.3)
+    assert metric(small, "charrnn_batch_size_count") == steps  # no steps while paused
+    text = first + "".join(next(call).text for _ in range(2999))  # reading again resumes it
+    assert text == reference(eager, model_name("gru"), "the ", 3000)
+    call.cancel()
+
+
+def test_deadline_is_honoured(small):
+    stub = api.stub(small.target)
+    t0 = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        list(stub.Generate(api.generate_request(model_name("rnn"), "the ", BIG), timeout=0.3))
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 5
+    assert wait_until(lambda: active_streams(small) == 0 and small.server.engine.in_flight == 0)
+    assert run(stub, **GOOD)[2].finish_reason == pb.FINISH_REASON_LENGTH
+
+
+def test_sessions_are_evicted_and_expire(small, eager):
+    stub = api.stub(small.target)
+    model = model_name("rnn")
+    run(stub, model=model, prompt="the ", max_chars=10, session_id="a")
+    run(stub, model=model, prompt="the ", max_chars=10, session_id="b")  # max_sessions 1: evicts a
+    text, _, last = run(stub, model=model, prompt="dog", max_chars=20, session_id="a")
+    assert last.stats.session == pb.SESSION_STATE_EVICTED
+    assert text == reference(eager, model, "dog", 20)  # started fresh, and says so
+    time.sleep(0.6)  # past the TTL
+    text, _, last = run(stub, model=model, prompt="dog", max_chars=20, session_id="a")
+    assert last.stats.session == pb.SESSION_STATE_EXPIRED and text == reference(eager, model, "dog", 20)
+    time.sleep(0.6)
+    resume = dict(model=model, prompt="", max_chars=5, session_id="a", require_session=True)
+    with pytest.raises(grpc.RpcError) as e:
+        run(stub, **resume)
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "expired" in e.value.details()
+
+
+def test_a_session_serves_one_stream_at_a_time(models_dir):
+    with BackgroundServer(ServerConfig(models=models_dir, port=0, max_chars=BIG)) as bg:
+        stub = api.stub(bg.target)
+        call = stub.Generate(api.generate_request(model_name("gru"), "the ", BIG, session_id="busy"), timeout=60)
+        next(call)
+        assert code_of(lambda: run(stub, **dict(GOOD, session_id="busy"))) == grpc.StatusCode.ABORTED
+        call.cancel()
+
+
+# continuous batching, seen from the runtime
+
+
+class CountingRuntime(TorchRuntime):
+    """A real TorchRuntime that records the shape of every step."""
+
+    def __init__(self, ckpt_dir):
+        super().__init__(ckpt_dir)
+        self.shapes = []
+        self.lock = threading.Lock()
+
+    def step(self, tokens, state):
+        with self.lock:
+            self.shapes.append(tokens.shape)
+        return super().step(tokens, state)
+
+
+def test_continuous_batching_steps_all_streams_together(models_dir, eager):
+    model = model_name("lstm")
+    rt = CountingRuntime(models_dir / model)
+    cfg = ServerConfig(models=models_dir, port=0, max_batch=8, prefill_chunk=16)
+    with BackgroundServer(cfg, {model: rt}) as bg:
+        stub = api.stub(bg.target)
+        jobs = [dict(model=model, prompt=TEXT[i:i + 5], max_chars=40 + i, temperature=1.0, seed=i) for i in range(12)]
+        jobs.append(dict(model=model, prompt=TEXT[:40], max_chars=30))  # prefilled in chunks of 16
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            texts = list(pool.map(lambda kw: run(stub, **kw)[0], jobs))
+    for kw, text in zip(jobs, texts):
+        assert text == reference(eager, **{k: v for k, v in kw.items() if k != "max_chars"}, n=kw["max_chars"])
+    batch = [b for b, t in rt.shapes]
+    assert max(batch) <= 8  # --max-batch bounds a step
+    assert max(batch) == 8  # and the streams did share steps
+    decode_chars = sum(b for b, t in rt.shapes if t == 1)
+    assert decode_chars == sum(kw["max_chars"] for kw in jobs)  # one decode row per generated character
+    assert sum(1 for b, t in rt.shapes if t == 1) < decode_chars / 3  # far fewer steps than characters
+    assert all(t <= 16 for _, t in rt.shapes)  # prefill chunks
+
+
+# sessions, unit-level
+
+
+def test_session_cache_ttl_lru_and_busy():
+    now = [0.0]
+    cache = SessionCache(ttl_s=10, capacity=2, clock=lambda: now[0])
+    def s():
+        return Session("m", None, np.zeros(0, np.int64))
+
+    for sid in "abc":
+        assert cache.checkout(sid, "m") == (None, SessionState.NEW)
+        cache.checkin(sid, s())
+    assert len(cache) == 2 and cache.checkout("a", "m") == (None, SessionState.EVICTED)
+    cache.checkin("a", None)
+    got, how = cache.checkout("b", "m")
+    assert how == SessionState.CONTINUED
+    with pytest.raises(SessionBusy):
+        cache.checkout("b", "m")
+    cache.checkin("b", got)
+    now[0] = 10.5
+    assert cache.checkout("c", "m") == (None, SessionState.EXPIRED)
+    with pytest.raises(NotFound, match="expired"):
+        cache.checkout("b", "m", required=True)

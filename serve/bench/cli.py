@@ -1,0 +1,140 @@
+"""python -m serve.bench: options (one dataclass, the CLI built from it) and the command.
+
+    python -m serve.bench                       # random-weight RNN/LSTM/GRU x hidden 128/256/512, all modes
+    python -m serve.bench --quick               # LSTM/GRU x hidden 128/512, short timings (~2 min on 2 cores)
+    python -m serve.bench --models runs/seed-p23 --backends torch,ort-cpu --modes step,limit
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from serve.bench.backends import BACKENDS
+from serve.bench.report import MODES
+from serve.bench.runner import BenchError, run
+from train.model import CELLS
+
+# --quick and the full run differ only in these defaults; an option given on the command line wins
+PRESETS = {
+    "full": {"cells": ("rnn", "lstm", "gru"), "hidden_sizes": (128, 256, 512), "seconds": 1.0, "max_calls": 5000,
+             "refeed_chars": 300, "grpc_chars": 200, "grpc_requests": 2, "parity": {}},
+    "quick": {"cells": ("lstm", "gru"), "hidden_sizes": (128, 512), "seconds": 0.3, "max_calls": 1000,
+              "refeed_chars": 75, "grpc_chars": 50, "grpc_requests": 1,
+              "parity": {"batches": (1, 8), "prefills": (1, 17), "steps": 20}},
+}
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _strs(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
+def _opt(default, help: str, parse=None, **kw):
+    return field(default=default, metadata={"help": help, "parse": parse, **kw})
+
+
+@dataclass
+class BenchConfig:
+    models: tuple[Path, ...] = _opt((), "checkpoint directories (taken as they are) or grid run directories (one "
+                                        "finished model per cell and hidden size); default: random-weight "
+                                        "checkpoints of --cells x --hidden-sizes", nargs="+")
+    cells: tuple[str, ...] | None = _opt(None, "cells, comma separated (filters --models; shapes of random-weight "
+                                               "models) [full: rnn,lstm,gru; quick: lstm,gru]", _strs)
+    hidden_sizes: tuple[int, ...] | None = _opt(None, "hidden sizes, comma separated (as --cells) "
+                                                      "[full: 128,256,512; quick: 128,512]", _ints)
+    backends: tuple[str, ...] = _opt(tuple(BACKENDS), "backends, comma separated; those that cannot run here are "
+                                                      "skipped and the report says why", _strs)
+    modes: tuple[str, ...] = _opt(MODES, "what to measure, comma separated", _strs)
+    precisions: tuple[str, ...] = _opt(("fp32",), "precisions of the exported backends, comma separated "
+                                                  "(fp16: onnxruntime/TensorRT on fp16 ONNX models)", _strs)
+    batches: tuple[int, ...] = _opt((1, 8, 64, 256), "step mode's batch sizes", _ints)
+    concurrency: tuple[int, ...] = _opt((1, 8, 64), "grpc mode's concurrent streams", _ints)
+    threads: int = _opt(1, "intra-op threads of torch and onnxruntime (bench process and server); recorded")
+    seconds: float | None = _opt(None, "timed seconds per backend and step point [full: 1.0; quick: 0.3]")
+    max_calls: int | None = _opt(None, "at most this many timed calls per backend and step point "
+                                       "[full: 5000; quick: 1000]")
+    refeed_chars: int | None = _opt(None, "characters generated per decoding in refeed mode [full: 300; quick: 75]")
+    refeed_windows: tuple[int, ...] = _opt((), "re-feeding window lengths; default: 50 and the model's seq_len",
+                                           _ints)
+    grpc_chars: int | None = _opt(None, "max_chars of each gRPC request [full: 200; quick: 50]")
+    grpc_requests: int | None = _opt(None, "gRPC requests per concurrent stream (at least 8 in all) "
+                                           "[full: 2; quick: 1]")
+    out: Path = _opt(Path("reports"), "output directory for latency.md, latency.json and the PNG plots")
+    quick: bool = _opt(False, "short timings and the target models only (LSTM/GRU at hidden 128 and 512)")
+    parity: dict = field(default=None, metadata={"cli": False})  # export parity overrides, from the preset
+    explicit: frozenset = field(init=False, default=frozenset(), metadata={"cli": False})  # preset options given
+
+    def __post_init__(self):
+        preset = PRESETS["quick" if self.quick else "full"]
+        self.explicit = frozenset(name for name in preset if getattr(self, name) is not None)
+        for name, value in preset.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self.models, self.out = tuple(Path(p) for p in self.models), Path(self.out)
+        checks = {"cells": CELLS, "backends": tuple(BACKENDS), "modes": MODES, "precisions": ("fp32", "fp16")}
+        for name, allowed in checks.items():
+            bad = [x for x in getattr(self, name) if x not in allowed]
+            if bad or not getattr(self, name):
+                raise ValueError(f"--{name.replace('_', '-')}: {', '.join(bad) or 'empty'}; choose from "
+                                 f"{', '.join(allowed)}")
+        for name in ("hidden_sizes", "batches", "concurrency", "refeed_windows"):
+            if any(x < 1 for x in getattr(self, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if min(self.threads, self.max_calls, self.refeed_chars, self.grpc_chars, self.grpc_requests) < 1 \
+                or self.seconds <= 0:
+            raise ValueError("--threads, --max-calls, --refeed-chars, --grpc-chars, --grpc-requests must be >= 1 "
+                             "and --seconds > 0")
+
+    def settings(self) -> dict:
+        """What the report records of the options (everything but the model list and the output folder)."""
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v
+                for f in fields(self) if f.name not in ("models", "out", "explicit")}
+
+
+def parse_args(argv: list[str] | None = None) -> BenchConfig:
+    ap = argparse.ArgumentParser(prog="python -m serve.bench", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    for f in fields(BenchConfig):
+        if f.metadata.get("cli") is False:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kw = {"help": f.metadata["help"], "dest": f.name, "default": argparse.SUPPRESS}
+        if f.type == "bool":
+            kw["action"] = "store_true"
+        elif "nargs" in f.metadata:
+            kw.update(nargs=f.metadata["nargs"], type=Path)
+        else:
+            kw["type"] = f.metadata["parse"] or {"int": int, "float": float, "Path": Path}[str(f.type).split(" ")[0]]
+        if isinstance(f.default, tuple) and f.default:
+            kw["help"] += f" [{','.join(map(str, f.default))}]"
+        elif f.default not in (None, (), False):
+            kw["help"] += f" [{f.default}]"
+        ap.add_argument(flag, **kw)
+    args = ap.parse_args(argv)
+    try:
+        return BenchConfig(**vars(args))
+    except ValueError as e:
+        ap.error(str(e))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("export", "serve.backends"):  # per-export parity lines and the like
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = parse_args(argv)
+    try:
+        files = run(cfg, command="python -m serve.bench " + " ".join(argv))
+    except BenchError as e:
+        logging.getLogger("serve.bench").error("%s", e)
+        return 2
+    for path in files:
+        print(path)
+    return 0

@@ -1,0 +1,460 @@
+"""From measurements to the report: records, speedups, limits, targets; latency.json, latency.md, PNGs.
+
+Every figure derived here (speedups, fractions of the limit, targets) comes from records of the same
+run: nothing is compared with a number measured at another time or on another machine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+from serve.bench.backends import BACKENDS, EAGER
+from serve.bench.models import BenchModel
+
+log = logging.getLogger(__name__)
+
+FORMAT = "charrnn-latency/1"
+MODES = ("step", "refeed", "grpc", "limit")  # what --modes selects; refeed also measures "carried"
+
+# --- records --------------------------------------------------------------------------------------
+
+
+def record(model: BenchModel, backend: str, mode: str, *, precision: str = "fp32", batch: int | None = None,
+           concurrency: int | None = None, threads: int, samples: int, us: dict | None, chars_per_s: float | None,
+           **details) -> dict:
+    """One measurement. `us`: p50/p90/p99/mean microseconds per character (any may be None)."""
+    us = us or {}
+    device = BACKENDS[backend].device if backend in BACKENDS else "cpu"
+    return {**model.describe(), "backend": backend, "device": device, "precision": precision, "mode": mode,
+            "batch": batch, "concurrency": concurrency, "threads": threads, "samples": samples,
+            **{f"{k}_us": us.get(k) for k in ("p50", "p90", "p99", "mean")}, "chars_per_s": chars_per_s,
+            "speedup_vs_eager": None, "baseline": None, "limit_us": None, "x_limit": None, "details": details}
+
+
+def _key(r: dict) -> tuple:
+    return r["model"], r["mode"], r["batch"], r["concurrency"]
+
+
+def speedup(base: dict, rec: dict, basis: str) -> float | None:
+    """How many times faster rec is than base: by median time per character (basis 'p50_us') or by
+    aggregate characters per second ('chars_per_s')."""
+    if basis == "p50_us":
+        b, r = base["p50_us"], rec["p50_us"]
+        return b / r if b and r else None
+    b, r = base["chars_per_s"], rec["chars_per_s"]
+    return r / b if b and r else None
+
+
+def add_speedups(records: list[dict]) -> None:
+    """speedup_vs_eager and baseline of every step and grpc record, against eager PyTorch measured in this
+    run on the same model, batch (or concurrency) and device (the CPU eager run when the device has none);
+    and, on each re-feeding record, how many times faster carried-state generation was (carried_speedup)."""
+    eager = {(_key(r), r["device"]): r for r in records if r["backend"] in EAGER.values() and r["precision"] == "fp32"}
+    for r in records:
+        if r["mode"] in ("step", "grpc"):
+            base = eager.get((_key(r), r["device"])) or eager.get((_key(r), "cpu"))
+            if base is not None:
+                r["speedup_vs_eager"] = speedup(base, r, "p50_us" if r["mode"] == "step" else "chars_per_s")
+                r["baseline"] = f"{base['backend']} {base['mode']} ({'p50 time per char' if r['mode'] == 'step' else 'chars/s'})"
+    carried = {r["model"]: r for r in records if r["mode"] == "carried"}
+    steps = [r for r in records if r["mode"] == "step" and r["batch"] == 1]
+    for r in records:
+        if r["mode"] == "refeed":
+            if r["model"] in carried:
+                r["details"]["carried_speedup"] = speedup(r, carried[r["model"]], "p50_us")
+            r["details"]["step_speedups"] = {_label(s): speedup(r, s, "p50_us") for s in steps
+                                             if s["model"] == r["model"]}
+
+
+def bandwidth_for(probes: dict, working_set: int) -> float:
+    """Bytes/s for a step whose weights span working_set bytes: the fastest probe over a working set at least
+    as large (a smaller set fits the same caches or faster ones, and a tiny probe is dominated by the cost
+    of the call, so it understates what its cache delivers)."""
+    fits = [b["best"] for ws, b in probes.items() if int(ws) >= working_set]
+    return max(fits) if fits else min(b["best"] for b in probes.values())
+
+
+def limit_us(weight_bytes: float, flops: float, bytes_per_s: float, flops_per_s: float) -> dict:
+    """The roofline of one step: reading its weights at the measured bandwidth, computing its FLOPs at the
+    measured matrix-multiply rate; a step can be no faster than the slower of the two."""
+    memory, compute = weight_bytes / bytes_per_s * 1e6, flops / flops_per_s * 1e6
+    return {"memory_us": memory, "compute_us": compute, "limit_us": max(memory, compute),
+            "bound": "memory" if memory >= compute else "compute"}
+
+
+def add_limits(records: list[dict], models: list[BenchModel], limits: dict) -> list[dict]:
+    """limit_us and x_limit (measured / limit, per character) on each step record whose device was probed;
+    returns one 'limit' record per (model, device, precision, batch): the machine's best, per character."""
+    by_id = {m.model_id: m for m in models}
+    out: dict[tuple, dict] = {}
+    for r in records:
+        probe = limits.get(r["device"])
+        if r["mode"] != "step" or probe is None or r["model"] not in by_id:
+            continue
+        m, B = by_id[r["model"]], r["batch"]
+        nbytes = 2 if r["precision"] == "fp16" else 4
+        bw = bandwidth_for(probe["bandwidth"], m.weight_bytes(1, nbytes))
+        flops = probe["matmul_flops"][r["precision"]] if r["precision"] in probe["matmul_flops"] else \
+            probe["matmul_flops"]["fp32"]
+        lim = limit_us(m.weight_bytes(B, nbytes), m.flops(B), bw, flops)
+        r["limit_us"] = lim["limit_us"] / B
+        r["x_limit"] = r["p50_us"] / r["limit_us"] if r["p50_us"] else None
+        key = (m.model_id, r["device"], r["precision"], B)
+        if key not in out:
+            per_char = lim["limit_us"] / B
+            rec = record(m, "machine", "limit", precision=r["precision"], batch=B, threads=r["threads"], samples=0,
+                         us={"p50": per_char}, chars_per_s=1e6 / per_char, weight_bytes=m.weight_bytes(B, nbytes),
+                         flops=m.flops(B), bandwidth_bytes_per_s=bw, matmul_flops_per_s=flops,
+                         memory_us=lim["memory_us"], compute_us=lim["compute_us"], bound=lim["bound"])
+            rec["device"], rec["limit_us"] = r["device"], per_char
+            out[key] = rec
+    return list(out.values())
+
+
+# --- targets --------------------------------------------------------------------------------------
+
+TARGETS = {
+    "ort_cpu_3x": "onnxruntime CPU step at batch 1 >= 3x faster than eager PyTorch (LSTM, GRU; hidden 128, 512)",
+    "carried_20x": "carried state >= 20x faster per character than the seed's re-feeding at seq_len 50",
+    "limit_3x": "batch-1 step within 3x of the machine's limit (hidden 512)",
+    "gpu_3x": "TensorRT and CUDA-graph steps at batch 1 >= 3x faster than eager PyTorch on the GPU",
+}
+
+
+def _target(key: str, r: dict | None, measured: float | None, threshold: float, better: str, model: str = "",
+            backend: str = "", note: str = "") -> dict:
+    passed = None if measured is None else (measured >= threshold if better == "higher" else measured <= threshold)
+    return {"target": key, "description": TARGETS[key], "model": r["model"] if r else model,
+            "backend": backend or (_label(r) if r else ""), "measured": measured, "threshold": threshold,
+            "better": better, "passed": passed, "note": note}
+
+
+def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
+    """The issue's targets, each judged on this run's records (passed None: not measured here, and why)."""
+    out = []
+    step1 = [r for r in records if r["mode"] == "step" and r["batch"] == 1]
+    ort = [r for r in step1 if r["backend"] == "ort-cpu" and r["cell"] in ("lstm", "gru")
+           and r["hidden_size"] in (128, 512)]
+    out += [_target("ort_cpu_3x", r, r["speedup_vs_eager"], 3.0, "higher") for r in ort]
+    for r in (r for r in records if r["mode"] == "refeed" and r["details"]["window"] == 50):
+        note = f"re-feeding {r['p50_us'] / 1e3:.2f} ms/char"
+        out.append(_target("carried_20x", r, r["details"].get("carried_speedup"), 20.0, "higher", backend="torch",
+                           note=note + "; carried: eager train.sampling.generate"))
+        best = max(r["details"]["step_speedups"].items(), key=lambda kv: kv[1] or 0, default=None)
+        if best and best[1]:
+            out.append(_target("carried_20x", None, best[1], 20.0, "higher", model=r["model"], backend=best[0],
+                               note=note + f"; carried: the fastest backend's batch-1 step (sampling excluded)"))
+    big = [r for r in step1 if r["hidden_size"] == 512 and r["x_limit"] is not None]
+    out += [_target("limit_3x", r, r["x_limit"], 3.0, "lower", note=f"limit {r['limit_us']:.1f} us") for r in big]
+    gpu = [r for r in step1 if r["backend"] in ("tensorrt", "torch-cudagraph")]
+    out += [_target("gpu_3x", r, r["speedup_vs_eager"], 3.0, "higher",
+                    note="" if r["baseline"] and r["baseline"].startswith("torch-cuda") else "baseline: eager on CPU")
+            for r in gpu]
+    for key, threshold, better in (("ort_cpu_3x", 3.0, "higher"), ("carried_20x", 20.0, "higher"),
+                                   ("limit_3x", 3.0, "lower"), ("gpu_3x", 3.0, "higher")):
+        if not any(t["target"] == key for t in out):
+            why = "; ".join(sorted({s["reason"].rstrip(".") for s in skipped if key == "gpu_3x" and s.get("backend") in
+                                    ("tensorrt", "torch-cudagraph", "torch-cuda")}))
+            out.append(_target(key, None, None, threshold, better,
+                               note=f"not measured in this run{': ' + why if why else ''}"))
+    return out
+
+
+# --- files ----------------------------------------------------------------------------------------
+
+def schema() -> dict:
+    return json.loads(resources.files("serve.bench").joinpath("schema.json").read_text())
+
+
+def validate(report: dict) -> None:
+    """Raise jsonschema.ValidationError if the report does not match schema.json (skipped, with a log line,
+    where jsonschema is not installed: it is a dev dependency)."""
+    try:
+        import jsonschema
+    except ImportError:
+        log.warning("jsonschema is not installed: latency.json was not validated (pip install -e '.[dev]')")
+        return
+    jsonschema.validate(report, schema())
+
+
+def write(report: dict, out: Path) -> list[Path]:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    validate(report)
+    files = [out / "latency.json", out / "latency.md"]
+    files[0].write_text(json.dumps(report, indent=1) + "\n")
+    files[1].write_text(markdown(report))
+    try:
+        files += plots(report, out)
+    except Exception:  # a plot must never lose the measurements written above
+        log.exception("plotting failed; latency.json and latency.md are written")
+    return files
+
+
+# --- markdown -------------------------------------------------------------------------------------
+
+def _us(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _ms(us: float | None) -> str:
+    return _us(None if us is None else us / 1e3)
+
+
+def _x(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}x" if x < 100 else f"{x:,.0f}x"
+
+
+def _n(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _order(r: dict) -> tuple:
+    names = list(BACKENDS) + ["machine"]
+    return (r["cell"], r["hidden_size"], r["model"], r["batch"] or 0, r["concurrency"] or 0,
+            names.index(r["backend"]) if r["backend"] in names else 99, r["precision"])
+
+
+def _label(r: dict) -> str:
+    return r["backend"] + ("" if r["precision"] == "fp32" else f" {r['precision']}")
+
+
+def markdown(rep: dict) -> str:
+    m, s = rep["machine"], rep["settings"]
+    recs = sorted(rep["records"], key=_order)
+    by = lambda mode: [r for r in recs if r["mode"] == mode]  # noqa: E731
+    gpu = m["gpu"]["name"] if m.get("gpu") else "none"
+    v = m["versions"]
+    caches = ", ".join(f"{k} {val}" for k, val in m["caches"].items()) or "unknown"
+    out = [
+        "# Latency benchmark\n",
+        f"`{rep['command']}` -- {rep['created']}, {rep['wall_s']:.0f} s{' (--quick)' if rep['quick'] else ''}.\n",
+        f"- **Machine**: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), {m['memory_gib']} GiB; "
+        f"caches {caches}; GPU: {gpu}; {m['os']}.",
+        f"- **Libraries**: Python {v['python']}, torch {v['torch']} ({m['torch_blas']}), numpy {v['numpy']}, "
+        f"onnx {v['onnx'] or '-'}, onnxruntime {v['onnxruntime'] or '-'} "
+        f"({', '.join(m['onnxruntime_providers']) or 'not installed'}), grpcio {v['grpcio'] or '-'}, "
+        f"TensorRT {v['tensorrt'] or 'not installed'}.",
+        f"- **Threads**: {s['threads']} (torch intra-op, onnxruntime intra-op, and the server's). "
+        f"Load average at start {m['load_average']['start']}, at end {m['load_average']['end']} "
+        f"(other work on the machine shows here).",
+        f"- **Models**: " + "; ".join(f"`{x['model']}` ({x['weights']} weights)" for x in rep["models"])
+        + ". Timing does not depend on the weights' values.\n",
+    ]
+    out.append("## Targets\n")
+    out.append(_table(["target", "model", "backend", "measured", "threshold", "result", "note"], [
+        [t["description"], t["model"] or "-", t["backend"] or "-",
+         "-" if t["measured"] is None else f"{t['measured']:.2f}x",
+         f"{'>=' if t['better'] == 'higher' else '<='} {t['threshold']:g}x",
+         {True: "**met**", False: "**missed**", None: "not measured"}[t["passed"]], t["note"]]
+        for t in rep["targets"]]))
+    step = by("step")
+    if step:
+        out.append("\n## Step: one character per call, state carried (batch 1)\n")
+        out.append("Microseconds per call of `Runtime.step` on tokens (1, 1), the logits back on the host. "
+                   "x limit: median over the machine's limit for this step (see Limit).\n")
+        out.append(_table(["model", "backend", "p50 us", "p90 us", "p99 us", "chars/s", "vs eager", "x limit", "calls"],
+                          [[r["model"], _label(r), _us(r["p50_us"]), _us(r["p90_us"]), _us(r["p99_us"]),
+                            _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]), _x(r["x_limit"]), r["samples"]]
+                           for r in step if r["batch"] == 1]))
+        if len({r["batch"] for r in step}) > 1:
+            out.append("\n## Step: batch sweep\n")
+            out.append("Microseconds per character = per call / batch; chars/s = batch / mean call time.\n")
+            out.append(_table(["model", "backend", "batch", "p50 us/char", "p99 us/char", "call p50 us", "chars/s",
+                               "vs eager", "x limit"],
+                              [[r["model"], _label(r), r["batch"], _us(r["p50_us"]), _us(r["p99_us"]),
+                                _us(r["details"]["call_us"]["p50"]), _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]),
+                                _x(r["x_limit"])] for r in step]))
+    refeed, carried = by("refeed"), {r["model"]: r for r in by("carried")}
+    if refeed:
+        out.append("\n## Carried state vs the seed's re-feeding (eager PyTorch, greedy, batch 1)\n")
+        out.append("Re-feeding runs the last `window` characters from a zero state for every new character "
+                   "(`train.sampling.generate_refeed`); carried state runs one step per character "
+                   "(`train.sampling.generate`). Seconds per 1000 characters is the seed's \"Inference Time\".\n")
+        rows = []
+        for model in dict.fromkeys(r["model"] for r in refeed):
+            c = carried.get(model)
+            if c:
+                rows.append([model, "carried state", "-", _us(c["p50_us"]), _us(c["p99_us"]),
+                             f"{c['details']['per_1000_chars_s']:.3f}", "1.0x", ""])
+            for r in (r for r in refeed if r["model"] == model):
+                best = max(r["details"]["step_speedups"].items(), key=lambda kv: kv[1] or 0, default=None)
+                rows.append([model, "re-feeding", r["details"]["window"], _us(r["p50_us"]), _us(r["p99_us"]),
+                             f"{r['details']['per_1000_chars_s']:.3f}", _x(r["details"].get("carried_speedup")),
+                             f"{_x(best[1])} ({best[0]})" if best and best[1] else "-"])
+        out.append(_table(["model", "decoding", "window", "p50 us/char", "p99 us/char", "s / 1000 chars",
+                           "carried (eager) is faster by", "fastest batch-1 step is faster by"], rows))
+    grpc = by("grpc")
+    if grpc:
+        out.append("\n## gRPC end to end (`python -m serve` + `clients.loadgen`)\n")
+        g = grpc[0]["details"]
+        out.append(f"Each stream asks for {g['max_chars']} characters, one per message, sampled at temperature "
+                   f"{g['loadgen']['temperature']}; {s['grpc_requests']} request(s) per stream (at least 8 in all). "
+                   "Server and load generator share the machine's cores. Inter-character gaps are taken at the "
+                   "client, where messages arrive in bursts: p50 is the gap inside a burst, p99 the wait between "
+                   "bursts, and mean = concurrency / aggregate chars/s (a stream's wall time per character). "
+                   "vs eager: aggregate chars/s over the torch-backed server's.\n")
+        out.append(_table(["model", "backend", "concurrency", "TTFC p50 ms", "TTFC p99 ms", "inter-char p50 ms",
+                           "inter-char p99 ms", "mean ms/char", "chars/s", "vs eager", "errors"],
+                          [[r["model"], _label(r), r["concurrency"], _us(r["details"]["ttfc_ms"]["p50"]),
+                            _us(r["details"]["ttfc_ms"]["p99"]), _ms(r["p50_us"]), _ms(r["p99_us"]), _ms(r["mean_us"]),
+                            _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]), sum(r["details"]["errors"].values())]
+                           for r in grpc]))
+    lim = by("limit")
+    if lim:
+        out.append("\n## Limit: what the machine allows\n")
+        for device, p in rep["machine"]["limits"].items():
+            bw = ", ".join(f"{int(ws) / 2**20:.2f} MiB: {b['best'] / 1e9:.0f} GB/s"
+                           for ws, b in sorted(p["bandwidth"].items(), key=lambda kv: int(kv[0])))
+            out.append(f"- **{device}** ({p['threads']} thread(s)): matrix multiply "
+                       + ", ".join(f"{k} {x / 1e9:.0f} GFLOP/s" for k, x in p["matmul_flops"].items())
+                       + f" ({p['matmul_n']}^3 product); bandwidth over each model's weights, read or copied over and "
+                       f"over (the faster of the two): {bw}; main memory ({p['dram']['working_set'] / 2**20:.0f} MiB "
+                       f"working set): {p['dram']['best'] / 1e9:.0f} GB/s.")
+        out.append("\nLimit of a step = max(weight bytes / bandwidth, FLOPs / matmul rate); x limit = measured "
+                   "median / limit.\n")
+        steps = {(r["model"], r["batch"], r["device"], r["precision"]): [] for r in step}
+        for r in step:
+            steps[(r["model"], r["batch"], r["device"], r["precision"])].append(r)
+        out.append(_table(["model", "batch", "weights MiB", "MFLOP", "memory us", "compute us", "limit us/char",
+                           "measured x limit"],
+                          [[r["model"], r["batch"], f"{r['details']['weight_bytes'] / 2**20:.2f}",
+                            f"{r['details']['flops'] / 1e6:.1f}", _us(r["details"]["memory_us"]),
+                            _us(r["details"]["compute_us"]), _us(r["p50_us"]),
+                            ", ".join(f"{_label(x)} {_x(x['x_limit'])}" for x in
+                                      steps.get((r["model"], r["batch"], r["device"], r["precision"]), []))]
+                           for r in lim]))
+    if rep["skipped"]:
+        out.append("\n## Not measured\n")
+        out.append(_table(["what", "model", "why"],
+                          [[s["what"], s.get("model") or "all", s["reason"].replace("|", "/")] for s in rep["skipped"]]))
+    out.append("\n## How it was measured\n")
+    out.append(
+        f"- Step: each backend gets about {s['seconds']} s of timed calls per point (at most {s['max_calls']}), in "
+        "20 rounds taken in turn by all backends of the model (a load burst hits them alike); warm-up calls are "
+        "not timed; a GPU call is timed to `torch.cuda.synchronize()` after the logits reach the host.\n"
+        f"- Carried vs re-feeding: {s['refeed_chars']} characters each, timed in blocks of 25 alternating "
+        "between the decodings; percentiles are over blocks.\n"
+        "- Speedups compare medians (step) or aggregate chars/s (gRPC) with eager PyTorch measured in this run.\n"
+        "- Exported models passed the export stage's parity check against eager PyTorch before being timed.\n"
+        "- Files: latency.json (every record; schema `serve/bench/schema.json`), these tables, PNG plots.\n")
+    return "\n".join(out)
+
+
+# --- plots ----------------------------------------------------------------------------------------
+
+def plots(rep: dict, out: Path) -> list[Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = sorted(rep["records"], key=_order)
+    files = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(out / name)
+
+    step = [r for r in recs if r["mode"] == "step"]
+    models = list(dict.fromkeys(r["model"] for r in step))
+    labels = list(dict.fromkeys(_label(r) for r in step))
+    if step:
+        fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(models) * max(1, len(labels)) / 2), 4.5))
+        width = 0.8 / max(1, len(labels))
+        for j, lab in enumerate(labels):
+            rows = {r["model"]: r for r in step if r["batch"] == 1 and _label(r) == lab}
+            xs = [i + j * width for i, mod in enumerate(models) if mod in rows]
+            p50 = [rows[mod]["p50_us"] for mod in models if mod in rows]
+            p99 = [rows[mod]["p99_us"] - rows[mod]["p50_us"] for mod in models if mod in rows]
+            ax.bar(xs, p50, width, yerr=[[0] * len(p50), p99], capsize=2, label=lab)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("us per character (p50, whisker p99)")
+        ax.set_title("Step at batch 1, state carried")
+        ax.legend(fontsize=8)
+        save(fig, "step_batch1.png")
+        if len({r["batch"] for r in step}) > 1:
+            cols = min(3, len(models))
+            rows_n = -(-len(models) // cols)
+            fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.4 * rows_n), squeeze=False)
+            for ax, mod in zip(axes.flat, models):
+                for lab in labels:
+                    rs = [r for r in step if r["model"] == mod and _label(r) == lab]
+                    if rs:
+                        ax.plot([r["batch"] for r in rs], [r["chars_per_s"] for r in rs], "o-", label=lab)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_title(mod, fontsize=9)
+                ax.set_xlabel("batch")
+                ax.set_ylabel("chars/s")
+            for ax in list(axes.flat)[len(models):]:
+                ax.axis("off")
+            axes.flat[0].legend(fontsize=7)
+            save(fig, "step_batches.png")
+    refeed = [r for r in recs if r["mode"] in ("refeed", "carried")]
+    if refeed:
+        mods = list(dict.fromkeys(r["model"] for r in refeed))
+        bars: dict[str, dict[str, float]] = {}  # kind -> model -> seconds per 1000 characters (p50)
+        for r in refeed:
+            kind = "carried (eager)" if r["mode"] == "carried" else f"re-feeding, window {r['details']['window']}"
+            bars.setdefault(kind, {})[r["model"]] = r["p50_us"] / 1e3
+        for mod in mods:
+            fastest = min((r for r in step if r["model"] == mod and r["batch"] == 1), key=lambda r: r["p50_us"],
+                          default=None)
+            if fastest:
+                bars.setdefault("fastest batch-1 step", {})[mod] = fastest["p50_us"] / 1e3
+        fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(mods)), 4))
+        width = 0.8 / len(bars)
+        for j, (kind, vals) in enumerate(bars.items()):
+            ax.bar([i + j * width for i, mod in enumerate(mods) if mod in vals],
+                   [vals[mod] for mod in mods if mod in vals], width, label=kind)
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(mods))], mods, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("seconds per 1000 characters (p50)")
+        ax.set_title("Carried state vs the seed's re-feeding (greedy, batch 1)")
+        ax.legend(fontsize=8)
+        save(fig, "decoding.png")
+    grpc = [r for r in recs if r["mode"] == "grpc"]
+    if grpc:
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+        for key in dict.fromkeys((r["model"], _label(r)) for r in grpc):
+            rs = [r for r in grpc if (r["model"], _label(r)) == key]
+            a1.plot([r["concurrency"] for r in rs], [r["chars_per_s"] for r in rs], "o-", label=" ".join(key))
+            a2.plot([r["concurrency"] for r in rs], [r["details"]["ttfc_ms"]["p50"] or 0 for r in rs], "o-")
+        for ax, y in ((a1, "aggregate chars/s"), (a2, "time to first char p50, ms")):
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("concurrent streams")
+            ax.set_ylabel(y)
+        a1.legend(fontsize=7)
+        fig.suptitle("gRPC end to end")
+        save(fig, "grpc.png")
+    lim = [r for r in step if r["batch"] == 1 and r["x_limit"] is not None]
+    if lim:
+        fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(models)), 4))
+        width = 0.8 / max(1, len(labels))
+        for j, lab in enumerate(labels):
+            rows = {r["model"]: r for r in lim if _label(r) == lab}
+            ax.bar([i + j * width for i, mod in enumerate(models) if mod in rows],
+                   [rows[mod]["x_limit"] for mod in models if mod in rows], width, label=lab)
+        for y in (1, 3):
+            ax.axhline(y, color="grey", lw=0.8, ls="--")
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel("measured / machine limit (batch 1)")
+        ax.set_title("How far each step is from what the machine allows")
+        ax.legend(fontsize=8)
+        save(fig, "limit.png")
+    return files

@@ -1,0 +1,243 @@
+"""The benchmark's course: models -> runtimes -> measurements per mode -> records -> the report files."""
+from __future__ import annotations
+
+import gc
+import logging
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from serve.bench import report
+from serve.bench.backends import BACKENDS, BackendUnavailable, Exports, open_runtime, unavailable
+from serve.bench.grpc import ServerFailed, ServerProcess, drive
+from serve.bench.measure import (Subject, bandwidth, describe_machine, load_average, matmul_rate, summary_us,
+                                 time_decoding, time_steps)
+from serve.bench.models import BenchModel, find_models, random_models
+from train.checkpoint import CheckpointError
+
+if TYPE_CHECKING:
+    from serve.bench.cli import BenchConfig
+
+log = logging.getLogger("serve.bench")
+
+LADDER = (256 << 10, 1 << 20, 4 << 20)  # bandwidth probes besides each model's own working set
+BLOCK_CHARS = 25  # characters per timed block of the decodings
+EAGER_ONLY = ("torch", "torch-cuda", "torch-cudagraph")  # run the checkpoint's fp32 weights whatever --precisions
+
+
+class BenchError(Exception):
+    """The benchmark cannot run as asked (no models found, say)."""
+
+
+class Progress:
+    """A tqdm bar on a terminal; one log line per finished task elsewhere (CI logs, pipes)."""
+
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, unit="task", dynamic_ncols=True, file=sys.stderr)
+
+    def note(self, what: str) -> None:
+        if self.bar:
+            self.bar.set_description_str(what[:60])
+
+    def advance(self, what: str, n: int = 1) -> None:
+        self.done += n
+        if self.bar:
+            self.bar.update(n)
+        else:
+            log.info("[%d/%d] %s", self.done, self.total, what)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
+def _models(cfg: BenchConfig, tmp: Path) -> list[BenchModel]:
+    if not cfg.models:
+        return random_models(tmp / "models", cfg.cells, cfg.hidden_sizes)
+    try:
+        # explicit models: --cells/--hidden-sizes filter only when given (the presets' shapes are for random ones)
+        return find_models(list(cfg.models), cfg.cells if "cells" in cfg.explicit else (),
+                           cfg.hidden_sizes if "hidden_sizes" in cfg.explicit else ())
+    except CheckpointError as e:
+        raise BenchError(str(e)) from None
+
+
+def probe_limits(device: str, models: list[BenchModel], precisions: tuple[str, ...], threads: int,
+                 quick: bool) -> dict:
+    """Matrix-multiply rate and bandwidth over each model's weights (and main memory) on this device."""
+    n = 1024 if device == "cpu" else 8192
+    flops = {"fp32": matmul_rate(device, n)}
+    if device == "cuda" and "fp16" in precisions:
+        flops["fp16"] = matmul_rate(device, n, torch.float16)
+    widths = [4] + ([2] if "fp16" in precisions else [])
+    sizes = sorted({m.weight_bytes(1, w) for m in models for w in widths} | set(LADDER))
+    dram = (128 if quick else 256) * 2**20 if device == "cpu" else 2 * 2**30
+    return {"threads": threads, "matmul_n": n, "matmul_flops": flops,
+            "bandwidth": {str(ws): bandwidth(ws, device) for ws in sizes},
+            "dram": {"working_set": dram, **bandwidth(dram, device, seconds=0.5)}}
+
+
+def _step_record(m: BenchModel, s: Subject, batch: int, seconds: np.ndarray, threads: int) -> dict:
+    return report.record(m, s.name, "step", precision=s.precision, batch=batch, threads=threads,
+                         samples=len(seconds), us=summary_us(seconds, per=batch),
+                         chars_per_s=batch / float(seconds.mean()), call_us=summary_us(seconds))
+
+
+def _decoding_records(m: BenchModel, carried: np.ndarray, refeed: dict, chars: int, threads: int) -> list[dict]:
+    common = {"batch": 1, "threads": threads, "samples": len(carried)}
+    out = [report.record(m, "torch", "carried", **common, us=summary_us(carried),
+                         chars_per_s=1 / float(carried.mean()), chars=chars, block_chars=BLOCK_CHARS,
+                         per_1000_chars_s=1000 * float(carried.mean()), decoding="train.sampling.generate, greedy")]
+    out += [report.record(m, "torch", "refeed", **common, us=summary_us(secs), chars_per_s=1 / float(secs.mean()),
+                          chars=chars, block_chars=BLOCK_CHARS, per_1000_chars_s=1000 * float(secs.mean()),
+                          window=n, decoding="train.sampling.generate_refeed, greedy")
+            for n, secs in refeed.items()]
+    return out
+
+
+def _grpc_record(m: BenchModel, backend: str, precision: str, result: dict, threads: int, command: str) -> dict:
+    gap = result["inter_char_ms"]
+    us = {"p50": gap["p50"] and gap["p50"] * 1e3, "p99": gap["p99"] and gap["p99"] * 1e3,
+          "mean": result["concurrency"] / result["chars_per_s"] * 1e6 if result["chars_per_s"] else None}
+    return report.record(m, backend, "grpc", precision=precision, concurrency=result["concurrency"], threads=threads,
+                         samples=result["chars"], us=us, chars_per_s=result["chars_per_s"],
+                         ttfc_ms=result["ttfc_ms"], requests=result["requests"], ok=result["ok"],
+                         errors=result["errors"], chars=result["chars"], wall_s=result["wall_s"],
+                         max_chars=result["max_chars"], loadgen=result["loadgen_args"], server=command)
+
+
+def _server_models(backend: str, m: BenchModel, precision: str, exports: Exports) -> Path:
+    """The directory `python -m serve --models` is given for this backend: one model in it."""
+    if backend == "torch":
+        return m.path
+    if backend == "tensorrt":
+        return exports.engine(m, precision).parent
+    return exports.onnx(m, precision).parent
+
+
+def _skip(skipped: list, what: str, reason: str, backend: str | None = None, precision: str | None = None,
+          model: str | None = None, mode: str | None = None) -> None:
+    log.warning("not measured: %s%s: %s", what, f" ({model})" if model else "", reason)
+    skipped.append({"what": what, "backend": backend, "precision": precision, "model": model, "mode": mode,
+                    "reason": reason})
+
+
+def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
+    """Measure everything cfg asks for and write the report; returns the files written."""
+    t_start, load_start = time.perf_counter(), load_average()
+    torch.set_num_threads(cfg.threads)
+    records: list[dict] = []
+    skipped: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="charrnn-bench-") as tmp:
+        tmp = Path(tmp)
+        models = _models(cfg, tmp)
+        pairs = []  # (backend, precision) that can run here
+        for b in cfg.backends:
+            for p in ("fp32",) if b in EAGER_ONLY else cfg.precisions:
+                reason = unavailable(b, p)
+                if reason:
+                    _skip(skipped, f"backend {b} ({p})", reason, backend=b, precision=p)
+                else:
+                    pairs.append((b, p))
+        serving = []
+        if "grpc" in cfg.modes:
+            for b, p in pairs:
+                if BACKENDS[b].server:
+                    serving.append((b, p))
+                else:
+                    _skip(skipped, f"grpc on {b}", "python -m serve has no such backend", backend=b, precision=p,
+                          mode="grpc")
+        exports = Exports(tmp / "exports", cfg.parity, max(cfg.batches))
+        limits = {}
+        if "limit" in cfg.modes:
+            for device in sorted({BACKENDS[b].device for b, _ in pairs}):
+                log.info("probing the %s's limits", device)
+                limits[device] = probe_limits(device, models, cfg.precisions, cfg.threads, cfg.quick)
+        per_model = (len(cfg.batches) if "step" in cfg.modes else 0) + ("refeed" in cfg.modes) \
+            + len(serving) * len(cfg.concurrency)
+        progress = Progress(len(models) * per_model)
+        try:
+            for m in models:
+                _measure_model(cfg, m, pairs, serving, exports, tmp, records, skipped, progress)
+        finally:
+            progress.close()
+        report.add_speedups(records)
+        records += report.add_limits(records, models, limits)
+        machine = describe_machine()
+        machine["load_average"] = {"start": load_start, "end": load_average()}
+        machine["limits"] = limits
+        rep = {
+            "format": report.FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "quick": cfg.quick, "wall_s": time.perf_counter() - t_start,
+            "settings": cfg.settings(), "machine": machine,
+            "models": [{**m.describe(), "weights": m.weights, "path": str(m.path) if m.weights != "random" else None}
+                       for m in models],
+            "records": records, "targets": report.evaluate_targets(records, skipped), "skipped": skipped,
+        }
+        return report.write(rep, cfg.out)
+
+
+def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, exports: Exports, tmp: Path,
+                   records: list, skipped: list, progress: Progress) -> None:
+    """Every mode for one model; what cannot be measured goes to `skipped` with the reason."""
+    subjects, failed = [], set()
+    for b, p in pairs:
+        progress.note(f"{m.model_id}: opening {b} {p}")
+        try:
+            subjects.append(Subject(b, BACKENDS[b].device, p, open_runtime(b, m, p, exports, cfg.threads)))
+        except BackendUnavailable as e:
+            failed.add((b, p))
+            _skip(skipped, f"backend {b} ({p})", str(e), backend=b, precision=p, model=m.model_id)
+        except Exception as e:  # a backend that breaks on one model must not lose the others' figures
+            failed.add((b, p))
+            log.exception("%s: opening %s (%s) failed", m.model_id, b, p)
+            _skip(skipped, f"backend {b} ({p})", f"{type(e).__name__}: {e}", backend=b, precision=p,
+                  model=m.model_id)
+    if "step" in cfg.modes and subjects:
+        for batch in cfg.batches:
+            progress.note(f"{m.model_id}: step, batch {batch}")
+            times = time_steps(subjects, batch, cfg.seconds, cfg.max_calls)
+            records.extend(_step_record(m, s, batch, times[s.key], cfg.threads) for s in subjects)
+            progress.advance(f"{m.model_id}: step, batch {batch}")
+    del subjects
+    gc.collect()
+    if "refeed" in cfg.modes:
+        windows = cfg.refeed_windows or tuple(sorted({50, m.seq_len or 50}))
+        progress.note(f"{m.model_id}: carried vs re-feeding")
+        carried, refeed = time_decoding(m.path, windows, cfg.refeed_chars, BLOCK_CHARS)
+        records.extend(_decoding_records(m, carried, refeed, cfg.refeed_chars, cfg.threads))
+        progress.advance(f"{m.model_id}: carried vs re-feeding {', '.join(map(str, windows))}")
+    for b, p in serving:
+        what = f"grpc on {b} ({p})"
+        if (b, p) in failed:
+            _skip(skipped, what, "the backend did not open for this model (above)", b, p, m.model_id, "grpc")
+            progress.advance(what, len(cfg.concurrency))
+            continue
+        done = 0
+        try:
+            server = ServerProcess(_server_models(b, m, p, exports), *BACKENDS[b].server, threads=cfg.threads,
+                                   log_dir=tmp)
+            with server as target:
+                for c in cfg.concurrency:
+                    progress.note(f"{m.model_id}: grpc {b}, concurrency {c}")
+                    result = drive(target, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars)
+                    records.append(_grpc_record(m, b, p, result, cfg.threads, server.command))
+                    done += 1
+                    progress.advance(f"{m.model_id}: {what}, concurrency {c}")
+        except ServerFailed as e:
+            _skip(skipped, what, str(e), b, p, m.model_id, "grpc")
+        except Exception as e:
+            log.exception("%s: %s failed", m.model_id, what)
+            _skip(skipped, what, f"{type(e).__name__}: {e}", b, p, m.model_id, "grpc")
+        if done < len(cfg.concurrency):
+            progress.advance(what, len(cfg.concurrency) - done)

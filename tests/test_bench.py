@@ -1,0 +1,241 @@
+"""The latency benchmark (python -m serve.bench): its arithmetic on known timings, its model choice, its
+report's schema, and one --quick run on the smallest model that must produce every file."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_checkpoint
+
+jsonschema = pytest.importorskip("jsonschema")
+
+from serve.bench import report  # noqa: E402
+from serve.bench.backends import BACKENDS, CudaGraphRuntime, unavailable  # noqa: E402
+from serve.bench.cli import BenchConfig, main, parse_args  # noqa: E402
+from serve.bench.measure import Subject, summary_us, time_steps  # noqa: E402
+from serve.bench.models import BenchModel, find_models  # noqa: E402
+from train.checkpoint import CheckpointError  # noqa: E402
+
+MODEL = BenchModel(path=None, model_id="lstm-h512-fc1-s50", cell="lstm", hidden_size=512, fc_layers=1, vocab_size=65,
+                   seq_len=50, weights="random")
+
+
+def rec(backend="torch", mode="step", p50=100.0, batch=1, concurrency=None, cps=None, model=MODEL, **details):
+    us = {"p50": p50, "p90": p50 and p50 * 1.1, "p99": p50 and p50 * 1.5, "mean": p50}
+    return report.record(model, backend, mode, batch=batch, concurrency=concurrency, threads=1, samples=10, us=us,
+                         chars_per_s=cps if cps is not None else (p50 and batch * 1e6 / p50), **details)
+
+
+# --- arithmetic on known timings ------------------------------------------------------------------
+
+def test_speedups_are_computed_from_the_same_runs_eager_records():
+    records = [rec("torch", p50=120.0), rec("ort-cpu", p50=30.0),  # step, batch 1
+               rec("torch", p50=20.0, batch=64), rec("ort-cpu", p50=16.0, batch=64),
+               rec("ort-cpu", p50=50.0, batch=8),  # no eager record at batch 8: no speedup
+               rec("torch", "grpc", p50=None, batch=None, concurrency=8, cps=1000.0),
+               rec("ort-cpu", "grpc", p50=None, batch=None, concurrency=8, cps=2500.0),
+               rec("torch", "carried", p50=400.0), rec("torch", "refeed", p50=8000.0, window=50),
+               rec("torch", "refeed", p50=2000.0, window=20)]
+    report.add_speedups(records)
+    got = [r["speedup_vs_eager"] for r in records]
+    assert got[:5] == [1.0, 4.0, 1.0, 1.25, None]
+    assert got[5:7] == [1.0, 2.5]  # gRPC: aggregate characters per second
+    assert records[1]["baseline"].startswith("torch step")
+    assert records[8]["details"]["carried_speedup"] == 20.0 and records[9]["details"]["carried_speedup"] == 5.0
+    assert records[8]["details"]["step_speedups"] == {"torch": 8000 / 120, "ort-cpu": 8000 / 30}
+    assert got[7:] == [None, None, None]  # decodings are eager: their comparison is carried_speedup
+
+
+def test_gpu_backends_compare_with_eager_on_the_gpu_when_measured():
+    records = [rec("torch", p50=100.0), rec("torch-cuda", p50=60.0), rec("torch-cudagraph", p50=15.0),
+               rec("tensorrt", p50=10.0)]
+    report.add_speedups(records)
+    assert [r["speedup_vs_eager"] for r in records] == [1.0, 1.0, 4.0, 6.0]
+    alone = [rec("torch", p50=100.0), rec("tensorrt", p50=10.0)]  # no eager GPU run: the CPU one
+    report.add_speedups(alone)
+    assert alone[1]["speedup_vs_eager"] == 10.0 and alone[1]["baseline"].startswith("torch ")
+
+
+def test_limit_is_the_slower_of_memory_and_compute():
+    assert report.limit_us(8e6, 4e6, 1e11, 1e11) == {"memory_us": 80.0, "compute_us": 40.0, "limit_us": 80.0,
+                                                     "bound": "memory"}
+    assert report.limit_us(1e6, 2e9, 1e11, 1e11)["bound"] == "compute"
+    # the bandwidth of a working set: the fastest probe at least as large (small probes understate caches)
+    probes = {"1000": {"best": 5e10}, "4000": {"best": 9e10}, "100000": {"best": 2e10}}
+    assert report.bandwidth_for(probes, 900) == 9e10
+    assert report.bandwidth_for(probes, 5000) == 2e10
+
+
+def test_model_arithmetic_matches_the_parameter_count():
+    from train.model import CharRNN, ModelConfig
+    for cell in ("rnn", "lstm", "gru"):
+        m = BenchModel(None, "x", cell, 64, 3, 40, 50, "random")
+        net = CharRNN(ModelConfig(cell, 40, 64, 3))
+        no_embedding = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("embed"))
+        assert m.weight_bytes(1) == 4 * (no_embedding + 64)  # plus one embedding row
+        assert m.weight_bytes(1000) == 4 * (no_embedding + 40 * 64)  # at most V rows
+        assert m.flops(2) == 2 * 2 * (2 * {"rnn": 1, "gru": 3, "lstm": 4}[cell] * 64 * 64 + 2 * 64 * 64 + 64 * 40)
+
+
+def test_add_limits_marks_each_step_with_its_fraction_of_the_limit():
+    wb = MODEL.weight_bytes(1)
+    limits = {"cpu": {"threads": 1, "matmul_n": 1024, "matmul_flops": {"fp32": 1e11},
+                      "bandwidth": {str(wb): {"copy": 8e10, "read": 1e11, "best": 1e11}},
+                      "dram": {"working_set": 1 << 28, "copy": 2e10, "read": 2.5e10, "best": 2.5e10}}}
+    step = rec("ort-cpu", p50=170.0)
+    out = report.add_limits([step, rec("ort-cpu", "grpc", p50=None, batch=None, concurrency=1, cps=10.0)],
+                            [MODEL], limits)
+    memory = wb / 1e11 * 1e6
+    assert step["limit_us"] == pytest.approx(memory) and step["x_limit"] == pytest.approx(170.0 / memory)
+    [lim] = out
+    assert (lim["mode"], lim["backend"], lim["batch"], lim["details"]["bound"]) == ("limit", "machine", 1, "memory")
+    assert lim["p50_us"] == pytest.approx(memory)
+
+
+def test_targets_are_judged_on_this_runs_records():
+    ort = rec("ort-cpu", p50=25.0)
+    records = [rec("torch", p50=100.0), ort, rec("torch", "carried", p50=300.0),
+               rec("torch", "refeed", p50=9000.0, window=50)]
+    report.add_speedups(records)
+    ort["x_limit"], ort["limit_us"] = 1.4, 18.0
+    skipped = [{"what": "backend tensorrt (fp32)", "backend": "tensorrt", "precision": "fp32", "model": None,
+                "mode": None, "reason": "TensorRT is not installed."}]
+    targets = {(t["target"], t["backend"]): t for t in report.evaluate_targets(records, skipped)}
+    assert targets[("ort_cpu_3x", "ort-cpu")]["passed"] and targets[("ort_cpu_3x", "ort-cpu")]["measured"] == 4.0
+    assert targets[("carried_20x", "torch")]["measured"] == 30.0 and targets[("carried_20x", "torch")]["passed"]
+    assert targets[("carried_20x", "ort-cpu")]["measured"] == 360.0  # the fastest batch-1 step against re-feeding
+    assert targets[("limit_3x", "ort-cpu")]["passed"]
+    gpu = targets[("gpu_3x", "")]
+    assert gpu["passed"] is None and "TensorRT is not installed" in gpu["note"]
+
+
+def test_summary_divides_calls_into_characters():
+    s = summary_us(np.array([1e-3, 2e-3, 3e-3]), per=10)
+    assert s["p50"] == pytest.approx(200.0) and s["mean"] == pytest.approx(200.0)
+
+
+# --- models, options, backends --------------------------------------------------------------------
+
+def test_grid_runs_give_one_finished_model_per_cell_and_hidden_size(tmp_path):
+    grid = tmp_path / "grid"
+    for seq, fc in ((20, 1), (50, 2), (50, 3)):
+        make_checkpoint(grid, "lstm", 16, fc, seq)
+    make_checkpoint(grid, "gru", 16, 1, 30)
+    unfinished = make_checkpoint(grid, "gru", 24, 1, 50)
+    cfg = json.loads((unfinished / "config.json").read_text())
+    (unfinished / "config.json").write_text(json.dumps({**cfg, "done": False}))
+    chosen = find_models([grid])
+    assert [m.model_id for m in chosen] == ["gru-h16-fc1-s30", "lstm-h16-fc2-s50"]  # seq 50 first, then fewest fc
+    assert [m.model_id for m in find_models([grid], cells=("lstm",))] == ["lstm-h16-fc2-s50"]
+    direct = find_models([grid / "lstm-h16-fc1-s20"])  # named directly: taken as it is
+    assert [(m.model_id, m.seq_len, m.weights) for m in direct] == [("lstm-h16-fc1-s20", 20, "trained")]
+    with pytest.raises(CheckpointError, match="not a finished checkpoint"):
+        find_models([unfinished])
+    with pytest.raises(CheckpointError, match="no finished checkpoints"):
+        find_models([tmp_path / "grid"], hidden_sizes=(999,))
+
+
+def test_options_and_presets():
+    quick = parse_args(["--quick", "--batches", "1,4", "--seconds", "0.5"])
+    assert quick.batches == (1, 4) and quick.seconds == 0.5 and quick.cells == ("lstm", "gru")
+    assert quick.hidden_sizes == (128, 512) and quick.explicit == {"seconds"}
+    assert BenchConfig().cells == ("rnn", "lstm", "gru") and BenchConfig().threads == 1
+    for bad in (["--backends", "torch,nope"], ["--modes", "step,fast"], ["--batches", "0"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_backends_that_cannot_run_say_why():
+    assert unavailable("torch") is None and unavailable("ort-cpu") is None
+    assert "fp32" in unavailable("torch", "fp16")
+    if not torch.cuda.is_available():
+        for name in ("torch-cuda", "torch-cudagraph", "ort-cuda", "ort-trt", "tensorrt"):
+            assert unavailable(name), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need an NVIDIA GPU (torch.cuda.is_available())")
+def test_cuda_graph_steps_match_eager_pytorch(tmp_path):
+    from export.runtime import TorchRuntime
+    ckpt = make_checkpoint(tmp_path, "gru", 32, 2)
+    eager, graphed = TorchRuntime(ckpt, device="cuda"), CudaGraphRuntime(ckpt)
+    for B in (1, 3):
+        tokens = np.random.default_rng(B).integers(0, len(eager.vocab), (B, 1))
+        se, sg = eager.new_state(B), graphed.new_state(B)
+        for _ in range(20):
+            le, se = eager.step(tokens, se)
+            lg, sg = graphed.step(tokens, sg)
+            np.testing.assert_allclose(lg, le, atol=1e-5, rtol=1e-5)
+
+
+def test_step_timer_interleaves_backends_and_counts_calls(tmp_path):
+    from export.runtime import TorchRuntime
+    ckpt = make_checkpoint(tmp_path, "rnn", 16, 1)
+    subjects = [Subject("torch", "cpu", "fp32", TorchRuntime(ckpt)), Subject("torch", "cpu", "fp16", TorchRuntime(ckpt))]
+    times = time_steps(subjects, 2, seconds=0.01, max_calls=12, min_calls=12, rounds=4)
+    assert set(times) == {"torch fp32", "torch fp16"} and all(len(t) == 12 and (t > 0).all() for t in times.values())
+
+
+# --- the report: schema and a whole --quick run ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """--quick on the smallest model, few iterations: every mode, every file."""
+    out = tmp_path_factory.mktemp("reports")
+    argv = ["--quick", "--cells", "lstm", "--hidden-sizes", "16", "--batches", "1,8", "--concurrency", "1,8",
+            "--max-calls", "20", "--seconds", "0.02", "--refeed-chars", "25", "--grpc-chars", "8", "--out", str(out)]
+    assert main(argv) == 0
+    return out, json.loads((out / "latency.json").read_text())
+
+
+def test_quick_run_writes_every_file(quick_run):
+    out, rep = quick_run
+    names = {p.name for p in out.iterdir()}
+    assert {"latency.json", "latency.md", "step_batch1.png", "step_batches.png", "decoding.png", "grpc.png",
+            "limit.png"} <= names
+    md = (out / "latency.md").read_text()
+    for heading in ("## Targets", "## Step: one character", "## Step: batch sweep", "## Carried state",
+                    "## gRPC end to end", "## Limit", "## Not measured"):
+        assert heading in md
+    assert rep["machine"]["cpu"] and rep["machine"]["versions"]["torch"] == torch.__version__
+
+
+def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run):
+    _, rep = quick_run
+    jsonschema.validate(rep, report.schema())
+    modes = {(r["mode"], r["backend"]) for r in rep["records"]}
+    assert {("step", "torch"), ("step", "ort-cpu"), ("carried", "torch"), ("refeed", "torch"), ("grpc", "torch"),
+            ("grpc", "ort-cpu"), ("limit", "machine")} <= modes
+    assert {r["batch"] for r in rep["records"] if r["mode"] == "step"} == {1, 8}
+    assert {r["concurrency"] for r in rep["records"] if r["mode"] == "grpc"} == {1, 8}
+    assert all(r["details"]["errors"] == {} for r in rep["records"] if r["mode"] == "grpc")
+    measured = {r["backend"] for r in rep["records"]}
+    for name in BACKENDS:  # every backend is either measured or listed with its reason
+        assert name in measured or any(s["backend"] == name and s["reason"] for s in rep["skipped"]), name
+
+
+def test_quick_run_speedups_are_its_own_records_ratios(quick_run):
+    _, rep = quick_run
+    step = {(r["backend"], r["batch"]): r for r in rep["records"] if r["mode"] == "step"}
+    for (backend, batch), r in step.items():
+        assert r["speedup_vs_eager"] == pytest.approx(step[("torch", batch)]["p50_us"] / r["p50_us"])
+        assert r["x_limit"] == pytest.approx(r["p50_us"] / r["limit_us"])
+        assert r["details"]["call_us"]["p50"] == pytest.approx(r["p50_us"] * batch)
+
+
+def test_schema_rejects_a_malformed_report(quick_run):
+    _, rep = quick_run
+    for damage in (lambda r: r["records"][0].pop("p50_us"), lambda r: r["records"][0].update(mode="fast"),
+                   lambda r: r["records"][0].update(extra=1), lambda r: r.pop("machine"),
+                   lambda r: r["skipped"].append({"what": "x", "reason": ""})):
+        bad = copy.deepcopy(rep)
+        damage(bad)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, report.schema())
+
+
+def test_named_models_that_do_not_exist_fail_cleanly(tmp_path, caplog):
+    assert main(["--models", str(tmp_path / "nothing"), "--out", str(tmp_path / "r")]) == 2
+    assert "no such checkpoint or grid run directory" in caplog.text

@@ -82,7 +82,7 @@ def test_model_arithmetic_matches_the_parameter_count():
 
 def test_add_limits_marks_each_step_with_its_fraction_of_the_limit():
     wb = MODEL.weight_bytes(1)
-    limits = {"cpu": {"threads": 1, "matmul_n": 1024, "matmul_flops": {"fp32": 1e11},
+    limits = {"cpu": {"threads": 1, "matmul_n": 1024, "matmul_flops": {"fp32": {"torch": 5e10, "best": 1e11}},
                       "bandwidth": {str(wb): {"copy": 8e10, "read": 1e11, "best": 1e11}},
                       "dram": {"working_set": 1 << 28, "copy": 2e10, "read": 2.5e10, "best": 2.5e10}}}
     step = rec("ort-cpu", p50=170.0)

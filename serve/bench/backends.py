@@ -157,7 +157,9 @@ def open_runtime(name: str, model: BenchModel, precision: str, exports: Exports,
         from export.tensorrt import TensorRTRuntime
         return TensorRTRuntime(exports.engine(model, precision))
     path = exports.onnx(model, precision)
-    providers = ort_providers(name, model, precision, exports.root / "ort-trt-cache", exports.max_batch)
+    cache = exports.root / "ort-trt-cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    providers = ort_providers(name, model, precision, cache, exports.max_batch)
     rt = OrtRuntime(path, providers, threads)
     wanted = BACKENDS[name].provider
     if rt.providers[0] != wanted:  # onnxruntime falls back to CPU quietly when a GPU provider fails to load

@@ -1,7 +1,7 @@
 """python -m serve.bench: options (one dataclass, the CLI built from it) and the command.
 
     python -m serve.bench                       # random-weight RNN/LSTM/GRU x hidden 128/256/512, all modes
-    python -m serve.bench --quick               # LSTM/GRU x hidden 128/512, short timings (~2 min on 2 cores)
+    python -m serve.bench --quick               # LSTM/GRU x hidden 128/512, short timings (about a minute on 2 cores)
     python -m serve.bench --models runs/seed-p23 --backends torch,ort-cpu --modes step,limit
 """
 from __future__ import annotations
@@ -16,6 +16,10 @@ from serve.bench.backends import BACKENDS
 from serve.bench.report import MODES
 from serve.bench.runner import BenchError, run
 from train.model import CELLS
+
+DESCRIPTION = ("Latency benchmark: every step backend against eager PyTorch, carried state against the seed's "
+               "re-feeding, the gRPC server end to end, and each step against the machine's limit. Writes "
+               "latency.md, latency.json and PNG plots to --out.")
 
 # --quick and the full run differ only in these defaults; an option given on the command line wins
 PRESETS = {
@@ -55,7 +59,8 @@ class BenchConfig:
                                                   "(fp16: onnxruntime/TensorRT on fp16 ONNX models)", _strs)
     batches: tuple[int, ...] = _opt((1, 8, 64, 256), "step mode's batch sizes", _ints)
     concurrency: tuple[int, ...] = _opt((1, 8, 64), "grpc mode's concurrent streams", _ints)
-    threads: int = _opt(1, "intra-op threads of torch and onnxruntime (bench process and server); recorded")
+    threads: int = _opt(1, "intra-op threads of torch and onnxruntime, in the bench and the server it starts "
+                           "(1: the fastest per stream on a small shared machine)")
     seconds: float | None = _opt(None, "timed seconds per backend and step point [full: 1.0; quick: 0.3]")
     max_calls: int | None = _opt(None, "at most this many timed calls per backend and step point "
                                        "[full: 5000; quick: 1000]")
@@ -98,7 +103,7 @@ class BenchConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> BenchConfig:
-    ap = argparse.ArgumentParser(prog="python -m serve.bench", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m serve.bench", description=DESCRIPTION,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     for f in fields(BenchConfig):

@@ -76,9 +76,9 @@ def probe_limits(device: str, models: list[BenchModel], precisions: tuple[str, .
                  quick: bool) -> dict:
     """Matrix-multiply rate and bandwidth over each model's weights (and main memory) on this device."""
     n = 1024 if device == "cpu" else 8192
-    flops = {"fp32": matmul_rate(device, n)}
+    flops = {"fp32": matmul_rate(device, n, threads=threads)}
     if device == "cuda" and "fp16" in precisions:
-        flops["fp16"] = matmul_rate(device, n, torch.float16)
+        flops["fp16"] = matmul_rate(device, n, torch.float16, threads=threads)
     widths = [4] + ([2] if "fp16" in precisions else [])
     sizes = sorted({m.weight_bytes(1, w) for m in models for w in widths} | set(LADDER))
     dram = (128 if quick else 256) * 2**20 if device == "cpu" else 2 * 2**30

@@ -4,8 +4,8 @@ Each scheduler owns a thread and its model's runtime (the only caller of `runtim
 need not be thread-safe). A stream is anything with tokens to feed and an `advance(logits)` that
 consumes the logits after them; the scheduler never looks at text. Every scheduler step:
 
-1. admit waiting streams while fewer than `max_batch` are active; drop cancelled ones (their slot is
-   free for the next step);
+1. drop cancelled streams (their slot is free at once); admit resumed, then waiting streams while fewer
+   than `max_batch` are prefilling or decoding;
 2. prefill: streams with more than one token to feed run all but the last (at most `prefill_chunk`
    per step, so a long prompt delays the others by one chunk per step), batched by equal length;
 3. decode: every stream with exactly one token left (a prompt's last token or the character sampled
@@ -17,8 +17,9 @@ it); finished and cancelled ones leave it (`runtime.take` of the rest). Membersh
 steps. Events that streams produce in a step are handed to `deliver` in one call.
 
 Backpressure: a stream whose consumer has `max_unsent` events not yet taken (a slow or stalled client)
-is paused: it leaves the batch with its state and rejoins once half of them are taken (`ack`), so the
-server never runs ahead of a client by more than `max_unsent` messages.
+is paused: it leaves the batch with its state (freeing its place for another stream) and rejoins once
+half of them are taken (`ack`), so the server never runs ahead of a client by more than `max_unsent`
+messages and stalled clients do not hold up the rest.
 """
 from __future__ import annotations
 
@@ -80,6 +81,9 @@ class Scheduler:
     def active(self) -> int:
         return len(self._prefilling) + len(self._decoding) + len(self._paused)
 
+    def _room(self) -> int:
+        return self.max_batch - len(self._prefilling) - len(self._decoding)
+
     def start(self) -> "Scheduler":
         self._thread.start()
         return self
@@ -127,11 +131,9 @@ class Scheduler:
                     self._cv.wait(timeout=1.0)
                 if self._stopping:
                     return
-                room = self.max_batch - self.active
-                joining = [self._inbox.popleft() for _ in range(min(room, len(self._inbox)))]
             events: list = []
             try:
-                self._step(joining, events)
+                self._step(events)
             except Exception as exc:  # a backend failure ends the streams of this model, not the server
                 log.exception("%s: step failed; ending its %d streams", self.runtime.model_id, self.active)
                 events += [(s, s.fail(exc)) for s in self._prefilling + self._decoding + self._paused]
@@ -142,17 +144,8 @@ class Scheduler:
     def _reset(self) -> None:
         self._prefilling, self._decoding, self._paused, self._state = [], [], [], None
 
-    def _step(self, joining: list[Stream], events: list) -> None:
-        self._prefilling += [s for s in joining if not s.cancelled]
-        self._prefilling = [s for s in self._prefilling if not s.cancelled]
-        if self._paused:  # resumed streams rejoin through the prefill list (one token left: straight to decode)
-            resumed = [s for s in self._paused if not s.cancelled and s.unsent <= self._resume_at]
-            self._paused = [s for s in self._paused if not s.cancelled and s.unsent > self._resume_at]
-            for s in resumed:
-                s.paused = False
-            self._prefilling += resumed
-        if any(s.cancelled for s in self._decoding):
-            self._leave([i for i, s in enumerate(self._decoding) if not s.cancelled])
+    def _step(self, events: list) -> None:
+        self._admit()
         if self._prefilling:
             self._prefill()
         if self._decoding:
@@ -160,6 +153,22 @@ class Scheduler:
         if self.metrics:
             self.metrics.active.set(self.active)
             self.metrics.queued.set(len(self._inbox))
+
+    def _admit(self) -> None:
+        """Drop cancelled streams, then fill the room: resumed streams first, then new ones (FIFO)."""
+        self._prefilling = [s for s in self._prefilling if not s.cancelled]
+        self._paused = [s for s in self._paused if not s.cancelled]
+        if any(s.cancelled for s in self._decoding):
+            self._leave([i for i, s in enumerate(self._decoding) if not s.cancelled])
+        for s in [s for s in self._paused if s.unsent <= self._resume_at][: self._room()]:
+            s.paused = False
+            self._paused.remove(s)
+            self._prefilling.append(s)  # one token left: it goes straight on to the decode batch
+        with self._cv:
+            while self._inbox and self._room() > 0:
+                s = self._inbox.popleft()
+                if not s.cancelled:
+                    self._prefilling.append(s)
 
     def _prefill(self) -> None:
         """Run all but the last token of each prefilling stream (a chunk at most), batched by length."""

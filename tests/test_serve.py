@@ -349,19 +349,25 @@ def metric(bg, name) -> float:
     return sum(float(line.split()[-1]) for line in body.splitlines() if line.startswith(name))
 
 
-def test_a_stalled_client_pauses_its_stream(small, eager):
-    """Backpressure: the server runs at most max_unsent messages ahead of a client that stops reading."""
-    # a small flow-control window, so that grpc itself holds only a few of the messages
-    channel = grpc.insecure_channel(small.target, [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)])
-    call = api.pb_grpc.GeneratorStub(channel).Generate(api.generate_request(model_name("gru"), "the ", BIG), timeout=60)
-    first = next(call).text
-    time.sleep(0.3)  # the client reads nothing: the stream fills grpc's window, then max_unsent, then pauses
-    steps = metric(small, "charrnn_batch_size_count")
-    time.sleep(0.3)
-    assert metric(small, "charrnn_batch_size_count") == steps  # no steps while paused
-    text = first + "".join(next(call).text for _ in range(2999))  # reading again resumes it
-    assert text == reference(eager, model_name("gru"), "the ", 3000)
-    call.cancel()
+def test_a_stalled_client_pauses_its_stream(models_dir, eager):
+    """Backpressure: the server runs at most max_unsent messages ahead of a client that stops reading, and the
+    paused stream gives up its place in the batch (max_batch 1 here) to others."""
+    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_batch=1, max_chars=BIG, max_unsent=16)
+    with BackgroundServer(cfg) as bg:
+        # a small flow-control window, so that grpc itself holds only a few of the messages
+        options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        stalled = api.pb_grpc.GeneratorStub(grpc.insecure_channel(bg.target, options))
+        call = stalled.Generate(api.generate_request(model_name("gru"), "the ", BIG), timeout=60)
+        first = next(call).text
+        time.sleep(0.3)  # the client reads nothing: grpc's window fills, then max_unsent, then the stream pauses
+        steps = metric(bg, "charrnn_batch_size_count")
+        time.sleep(0.3)
+        assert metric(bg, "charrnn_batch_size_count") == steps  # no steps while paused
+        other = run(api.stub(bg.target), model=model_name("gru"), prompt="dog", max_chars=300)[0]
+        assert other == reference(eager, model_name("gru"), "dog", 300)  # served meanwhile, in the one place
+        text = first + "".join(next(call).text for _ in range(2999))  # reading again resumes it
+        assert text == reference(eager, model_name("gru"), "the ", 3000)
+        call.cancel()
 
 
 def test_deadline_is_honoured(small):

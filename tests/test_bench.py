@@ -49,6 +49,20 @@ def test_speedups_are_computed_from_the_same_runs_eager_records():
     assert got[7:] == [None, None, None]  # decodings are eager: their comparison is carried_speedup
 
 
+def test_thread_counts_compare_like_for_like_and_targets_also_take_each_sides_best():
+    def at(backend, p50, threads):
+        r = rec(backend, p50=p50)
+        r["threads"] = threads
+        return r
+    records = [at("torch", 300.0, 1), at("torch", 450.0, 2), at("ort-cpu", 140.0, 1), at("ort-cpu", 80.0, 2)]
+    report.add_speedups(records)
+    assert [r["speedup_vs_eager"] for r in records] == [1.0, 1.0, 300 / 140, 450 / 80]
+    assert records[3]["baseline"].startswith("torch t2 step")
+    rows = [t for t in report.evaluate_targets(records, []) if t["target"] == "ort_cpu_3x"]
+    assert [(t["backend"], t["measured"]) for t in rows] == [
+        ("ort-cpu", 300 / 140), ("ort-cpu t2", 450 / 80), ("ort-cpu t2 vs torch", 300 / 80)]
+
+
 def test_gpu_backends_compare_with_eager_on_the_gpu_when_measured():
     records = [rec("torch", p50=100.0), rec("torch-cuda", p50=60.0), rec("torch-cudagraph", p50=15.0),
                rec("tensorrt", p50=10.0)]
@@ -82,7 +96,7 @@ def test_model_arithmetic_matches_the_parameter_count():
 
 def test_add_limits_marks_each_step_with_its_fraction_of_the_limit():
     wb = MODEL.weight_bytes(1)
-    limits = {"cpu": {"threads": 1, "matmul_n": 1024, "matmul_flops": {"fp32": {"torch": 5e10, "best": 1e11}},
+    limits = {"cpu t1": {"threads": 1, "matmul_n": 1024, "matmul_flops": {"fp32": {"torch": 5e10, "best": 1e11}},
                       "bandwidth": {str(wb): {"copy": 8e10, "read": 1e11, "best": 1e11}},
                       "dram": {"working_set": 1 << 28, "copy": 2e10, "read": 2.5e10, "best": 2.5e10}}}
     step = rec("ort-cpu", p50=170.0)
@@ -142,8 +156,10 @@ def test_options_and_presets():
     quick = parse_args(["--quick", "--batches", "1,4", "--seconds", "0.5"])
     assert quick.batches == (1, 4) and quick.seconds == 0.5 and quick.cells == ("lstm", "gru")
     assert quick.hidden_sizes == (128, 512) and quick.explicit == {"seconds"}
-    assert BenchConfig().cells == ("rnn", "lstm", "gru") and BenchConfig().threads == 1
-    for bad in (["--backends", "torch,nope"], ["--modes", "step,fast"], ["--batches", "0"], ["--threads", "0"]):
+    assert BenchConfig().cells == ("rnn", "lstm", "gru") and BenchConfig().threads == (1,)
+    assert parse_args(["--threads", "1,2"]).threads == (1, 2)
+    for bad in (["--backends", "torch,nope"], ["--modes", "step,fast"], ["--batches", "0"], ["--threads", "0"],
+                ["--threads", "2,2"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -173,9 +189,15 @@ def test_cuda_graph_steps_match_eager_pytorch(tmp_path):
 def test_step_timer_interleaves_backends_and_counts_calls(tmp_path):
     from export.runtime import TorchRuntime
     ckpt = make_checkpoint(tmp_path, "rnn", 16, 1)
-    subjects = [Subject("torch", "cpu", "fp32", TorchRuntime(ckpt)), Subject("torch", "cpu", "fp16", TorchRuntime(ckpt))]
-    times = time_steps(subjects, 2, seconds=0.01, max_calls=12, min_calls=12, rounds=4)
-    assert set(times) == {"torch fp32", "torch fp16"} and all(len(t) == 12 and (t > 0).all() for t in times.values())
+    threads = torch.get_num_threads()
+    subjects = [Subject("torch", "cpu", "fp32", TorchRuntime(ckpt)), Subject("torch", "cpu", "fp16", TorchRuntime(ckpt)),
+                Subject("torch", "cpu", "fp32", TorchRuntime(ckpt), threads=2)]
+    try:
+        times = time_steps(subjects, 2, seconds=0.01, max_calls=12, min_calls=12, rounds=4)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(times) == {"torch fp32 t1", "torch fp16 t1", "torch fp32 t2"}
+    assert all(len(t) == 12 and (t > 0).all() for t in times.values())
 
 
 # --- the report: schema and a whole --quick run ---------------------------------------------------

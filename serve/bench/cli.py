@@ -3,6 +3,7 @@
     python -m serve.bench                       # random-weight RNN/LSTM/GRU x hidden 128/256/512, all modes
     python -m serve.bench --quick               # LSTM/GRU x hidden 128/512, short timings (about a minute on 2 cores)
     python -m serve.bench --models runs/seed-p23 --backends torch,ort-cpu --modes step,limit
+    python -m serve.bench --quick --threads 1,2 --modes step,limit   # each CPU backend at 1 and 2 threads
 """
 from __future__ import annotations
 
@@ -59,8 +60,9 @@ class BenchConfig:
                                                   "(fp16: onnxruntime/TensorRT on fp16 ONNX models)", _strs)
     batches: tuple[int, ...] = _opt((1, 8, 64, 256), "step mode's batch sizes", _ints)
     concurrency: tuple[int, ...] = _opt((1, 8, 64), "grpc mode's concurrent streams", _ints)
-    threads: int = _opt(1, "intra-op threads of torch and onnxruntime, in the bench and the server it starts "
-                           "(1: the fastest per stream on a small shared machine)")
+    threads: tuple[int, ...] = _opt((1,), "intra-op threads of torch and onnxruntime, comma separated: step mode "
+                                          "measures the CPU backends at each (taking turns, like backends); the other "
+                                          "modes, and the server they start, use the first", _ints)
     seconds: float | None = _opt(None, "timed seconds per backend and step point [full: 1.0; quick: 0.3]")
     max_calls: int | None = _opt(None, "at most this many timed calls per backend and step point "
                                        "[full: 5000; quick: 1000]")
@@ -88,12 +90,13 @@ class BenchConfig:
             if bad or not getattr(self, name):
                 raise ValueError(f"--{name.replace('_', '-')}: {', '.join(bad) or 'empty'}; choose from "
                                  f"{', '.join(allowed)}")
-        for name in ("hidden_sizes", "batches", "concurrency", "refeed_windows"):
+        for name in ("hidden_sizes", "batches", "concurrency", "refeed_windows", "threads"):
             if any(x < 1 for x in getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
-        if min(self.threads, self.max_calls, self.refeed_chars, self.grpc_chars, self.grpc_requests) < 1 \
-                or self.seconds <= 0:
-            raise ValueError("--threads, --max-calls, --refeed-chars, --grpc-chars, --grpc-requests must be >= 1 "
+        if not self.threads or len(set(self.threads)) != len(self.threads):
+            raise ValueError("--threads: one or more different thread counts")
+        if min(self.max_calls, self.refeed_chars, self.grpc_chars, self.grpc_requests) < 1 or self.seconds <= 0:
+            raise ValueError("--max-calls, --refeed-chars, --grpc-chars, --grpc-requests must be >= 1 "
                              "and --seconds > 0")
 
     def settings(self) -> dict:

@@ -38,10 +38,15 @@ class Subject:
     device: str
     precision: str
     runtime: Runtime
+    threads: int = 1  # torch's intra-op threads while it runs (an onnxruntime session has its own, fixed)
 
     @property
     def key(self) -> str:
-        return f"{self.name} {self.precision}"
+        return f"{self.name} {self.precision} t{self.threads}"
+
+    def activate(self) -> None:
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
 
 
 def time_steps(subjects: list[Subject], batch: int, seconds: float, max_calls: int, min_calls: int = 20,
@@ -56,6 +61,7 @@ def time_steps(subjects: list[Subject], batch: int, seconds: float, max_calls: i
     states, calls = {}, {}
     for s in subjects:
         rt = s.runtime
+        s.activate()
         state = rt.new_state(batch)
         _, state = rt.step(tokens, state)  # the first call may build or capture: never timed
         synchronize(s.device)
@@ -72,6 +78,7 @@ def time_steps(subjects: list[Subject], batch: int, seconds: float, max_calls: i
     for r in range(rounds):
         for s in subjects[r % len(subjects):] + subjects[: r % len(subjects)]:
             rt, state, out = s.runtime, states[s.key], times[s.key]
+            s.activate()
             for _ in range(-(-calls[s.key] // rounds)):  # ceil
                 t0 = time.perf_counter()
                 _, state = rt.step(tokens, state)

@@ -87,8 +87,8 @@ def probe_limits(device: str, models: list[BenchModel], precisions: tuple[str, .
             "dram": {"working_set": dram, **bandwidth(dram, device, seconds=0.5)}}
 
 
-def _step_record(m: BenchModel, s: Subject, batch: int, seconds: np.ndarray, threads: int) -> dict:
-    return report.record(m, s.name, "step", precision=s.precision, batch=batch, threads=threads,
+def _step_record(m: BenchModel, s: Subject, batch: int, seconds: np.ndarray) -> dict:
+    return report.record(m, s.name, "step", precision=s.precision, batch=batch, threads=s.threads,
                          samples=len(seconds), us=summary_us(seconds, per=batch),
                          chars_per_s=batch / float(seconds.mean()), call_us=summary_us(seconds))
 
@@ -135,7 +135,8 @@ def _skip(skipped: list, what: str, reason: str, backend: str | None = None, pre
 def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
     """Measure everything cfg asks for and write the report; returns the files written."""
     t_start, load_start = time.perf_counter(), load_average()
-    torch.set_num_threads(cfg.threads)
+    primary = cfg.threads[0]  # refeed and grpc modes, the server, and anything not swept
+    torch.set_num_threads(primary)
     records: list[dict] = []
     skipped: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="charrnn-bench-") as tmp:
@@ -161,8 +162,11 @@ def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
         limits = {}
         if "limit" in cfg.modes:
             for device in sorted({BACKENDS[b].device for b, _ in pairs}):
-                log.info("probing the %s's limits", device)
-                limits[device] = probe_limits(device, models, cfg.precisions, cfg.threads, cfg.quick)
+                for t in cfg.threads if device == "cpu" else (primary,):
+                    log.info("probing the %s's limits at %d thread(s)", device, t)
+                    torch.set_num_threads(t)
+                    limits[report.limit_key(device, t)] = probe_limits(device, models, cfg.precisions, t, cfg.quick)
+            torch.set_num_threads(primary)
         per_model = (len(cfg.batches) if "step" in cfg.modes else 0) + ("refeed" in cfg.modes) \
             + len(serving) * len(cfg.concurrency)
         progress = Progress(len(models) * per_model)
@@ -190,11 +194,13 @@ def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
 def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, exports: Exports, tmp: Path,
                    records: list, skipped: list, progress: Progress) -> None:
     """Every mode for one model; what cannot be measured goes to `skipped` with the reason."""
-    subjects, failed = [], set()
+    subjects, failed, primary = [], set(), cfg.threads[0]
     for b, p in pairs:
         progress.note(f"{m.model_id}: opening {b} {p}")
+        device = BACKENDS[b].device
         try:
-            subjects.append(Subject(b, BACKENDS[b].device, p, open_runtime(b, m, p, exports, cfg.threads)))
+            for t in cfg.threads if device == "cpu" else (primary,):  # thread counts are a CPU matter
+                subjects.append(Subject(b, device, p, open_runtime(b, m, p, exports, t), t))
         except BackendUnavailable as e:
             failed.add((b, p))
             _skip(skipped, f"backend {b} ({p})", str(e), backend=b, precision=p, model=m.model_id)
@@ -207,15 +213,16 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
         for batch in cfg.batches:
             progress.note(f"{m.model_id}: step, batch {batch}")
             times = time_steps(subjects, batch, cfg.seconds, cfg.max_calls)
-            records.extend(_step_record(m, s, batch, times[s.key], cfg.threads) for s in subjects)
+            records.extend(_step_record(m, s, batch, times[s.key]) for s in subjects)
             progress.advance(f"{m.model_id}: step, batch {batch}")
+        torch.set_num_threads(primary)
     del subjects
     gc.collect()
     if "refeed" in cfg.modes:
         windows = cfg.refeed_windows or tuple(sorted({50, m.seq_len or 50}))
         progress.note(f"{m.model_id}: carried vs re-feeding")
         carried, refeed = time_decoding(m.path, windows, cfg.refeed_chars, BLOCK_CHARS)
-        records.extend(_decoding_records(m, carried, refeed, cfg.refeed_chars, cfg.threads))
+        records.extend(_decoding_records(m, carried, refeed, cfg.refeed_chars, primary))
         progress.advance(f"{m.model_id}: carried vs re-feeding {', '.join(map(str, windows))}")
     for b, p in serving:
         what = f"grpc on {b} ({p})"
@@ -225,13 +232,13 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
             continue
         done = 0
         try:
-            server = ServerProcess(_server_models(b, m, p, exports), *BACKENDS[b].server, threads=cfg.threads,
+            server = ServerProcess(_server_models(b, m, p, exports), *BACKENDS[b].server, threads=primary,
                                    log_dir=tmp)
             with server as target:
                 for c in cfg.concurrency:
                     progress.note(f"{m.model_id}: grpc {b}, concurrency {c}")
                     result = drive(target, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars)
-                    records.append(_grpc_record(m, b, p, result, cfg.threads, server.command))
+                    records.append(_grpc_record(m, b, p, result, primary, server.command))
                     done += 1
                     progress.advance(f"{m.model_id}: {what}, concurrency {c}")
         except ServerFailed as e:

@@ -55,8 +55,8 @@ def speedup(base: dict, rec: dict, basis: str) -> float | None:
 def add_speedups(records: list[dict]) -> None:
     """speedup_vs_eager and baseline of every step and grpc record, against eager PyTorch measured in this
     run on the same model, batch (or concurrency), thread count and device (the CPU eager run when the device
-    has none);
-    and, on each re-feeding record, how many times faster carried-state generation was (carried_speedup)."""
+    has none); and, on each re-feeding record, how many times faster carried-state generation was
+    (carried_speedup: eager generate) and each batch-1 step (step_speedups, by backend label)."""
     eager = {(_key(r), r["device"]): r for r in records if r["backend"] in EAGER.values() and r["precision"] == "fp32"}
     for r in records:
         if r["mode"] in ("step", "grpc"):
@@ -383,7 +383,9 @@ def markdown(rep: dict) -> str:
         "not timed; a GPU call is timed to `torch.cuda.synchronize()` after the logits reach the host.\n"
         f"- Carried vs re-feeding: {s['refeed_chars']} characters each, timed in blocks of 25 alternating "
         "between the decodings; percentiles are over blocks.\n"
-        "- Speedups compare medians (step) or aggregate chars/s (gRPC) with eager PyTorch measured in this run.\n"
+        "- Speedups compare medians (step) or aggregate chars/s (gRPC) with eager PyTorch measured in this run, "
+        "at the same thread count.\n"
+        "- Limits take the fastest repetition of each probe (load from elsewhere only slows a probe down).\n"
         "- Exported models passed the export stage's parity check against eager PyTorch before being timed.\n"
         "- Files: latency.json (every record; schema `serve/bench/schema.json`), these tables, PNG plots.\n")
     return "\n".join(out)

@@ -27,7 +27,7 @@ class ServerConfig:
                                  "RESOURCE_EXHAUSTED past it")
     max_prompt_chars: int = _opt(4096, "longest prompt (or Predict text)")
     max_chars: int = _opt(4096, "cap on a request's max_chars")
-    default_chars: int = _opt(256, "max_chars when a request leaves it 0")
+    default_chars: int = _opt(256, "max_chars when a request leaves it 0 (at most --max-chars)")
     max_stop: int = _opt(8, "stop sequences per request")
     max_stop_chars: int = _opt(64, "longest stop sequence")
     max_top_k: int = _opt(1024, "cap on top_k (Generate and Predict)")
@@ -48,8 +48,7 @@ class ServerConfig:
         bad = [name for name in positive if getattr(self, name) < 1]
         if bad:
             raise ValueError(f"must be >= 1: {', '.join(bad)}")
-        if self.default_chars > self.max_chars:
-            raise ValueError(f"default_chars {self.default_chars} exceeds max_chars {self.max_chars}")
+        self.default_chars = min(self.default_chars, self.max_chars)
         if self.session_ttl_s <= 0 or self.grace_s < 0:
             raise ValueError("session_ttl_s must be > 0 and grace_s >= 0")
 

@@ -35,13 +35,13 @@ class GenerationStream(Stream):
         r = self.req
         token = sample(logits, r.temperature, r.top_k, r.top_p, self.rng)
         ch = self.vocab.chars[token]
-        if self.metrics:
-            if self.generated:
+        if self.generated:
+            if self.metrics:
                 self.metrics.inter_char.observe(now - self.last)
-            else:
-                self.metrics.ttfc.observe(now - self.arrived)
-        if not self.generated:
+        else:
             self.first = now
+            if self.metrics:
+                self.metrics.ttfc.observe(now - self.arrived)
         self.last = now
         self.generated += 1
         self.buf.append(ch)

@@ -379,8 +379,10 @@ def markdown(rep: dict) -> str:
     out.append("\n## How it was measured\n")
     out.append(
         f"- Step: each backend gets about {s['seconds']} s of timed calls per point (at most {s['max_calls']}), in "
-        "20 rounds taken in turn by all backends of the model (a load burst hits them alike); warm-up calls are "
-        "not timed; a GPU call is timed to `torch.cuda.synchronize()` after the logits reach the host.\n"
+        "20 rounds taken in turn by all backends of the model at one thread count (a load burst hits them alike; "
+        "thread counts are timed one after the other, so that one's spinning workers do not slow another); "
+        "warm-up calls are not timed; a GPU call is timed to `torch.cuda.synchronize()` after the logits reach "
+        "the host.\n"
         f"- Carried vs re-feeding: {s['refeed_chars']} characters each, timed in blocks of 25 alternating "
         "between the decodings; percentiles are over blocks.\n"
         "- Speedups compare medians (step) or aggregate chars/s (gRPC) with eager PyTorch measured in this run, "

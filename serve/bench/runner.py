@@ -211,9 +211,14 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
                   model=m.model_id)
     if "step" in cfg.modes and subjects:
         for batch in cfg.batches:
-            progress.note(f"{m.model_id}: step, batch {batch}")
-            times = time_steps(subjects, batch, cfg.seconds, cfg.max_calls)
-            records.extend(_step_record(m, s, batch, times[s.key]) for s in subjects)
+            # One group per thread count, its backends taking turns: a multi-threaded runtime's workers spin on
+            # for a while after each call, and would take a core from a single-threaded one timed next.
+            for t in cfg.threads:
+                group = [s for s in subjects if s.threads == t]
+                progress.note(f"{m.model_id}: step, batch {batch}, {t} thread(s)")
+                times = time_steps(group, batch, cfg.seconds, cfg.max_calls) if group else {}
+                records.extend(_step_record(m, s, batch, times[s.key]) for s in group)
+                time.sleep(0.1 if t > 1 else 0)  # let spinning workers settle before the next group
             progress.advance(f"{m.model_id}: step, batch {batch}")
         torch.set_num_threads(primary)
     del subjects

@@ -2,7 +2,8 @@
 
 Layouts (one directory per model, named by its id): checkpoints `<dir>/<id>/config.json` (torch),
 exports `<dir>/<id>/model.onnx` (onnxruntime) and `<dir>/<id>/model.engine` (tensorrt). DIR may also
-be a single model's directory. Everything else talks to the runtimes through `export.runtime.Runtime`.
+be a single model's directory. A model is served under its directory's name (the model id, or a variant
+such as `<id>-fp16`). Everything else talks to the runtimes through `export.runtime.Runtime`.
 """
 from __future__ import annotations
 
@@ -87,7 +88,8 @@ def open_runtime(path: Path, backend: str, providers: list[str] | None = None, t
 
 
 def load_runtimes(root: Path, backend: str, providers: str = "", threads: int = 0) -> dict[str, Runtime]:
-    """Every model under root, by model id."""
+    """Every model under root, by the name of its directory: the model id, or a variant of it such as
+    the fp16 export `<model-id>-fp16`, so that variants of one model are served side by side."""
     if backend not in MODEL_FILES:
         raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(MODEL_FILES)}")
     ort = ort_providers(providers) if backend == "onnxruntime" else None
@@ -100,10 +102,9 @@ def load_runtimes(root: Path, backend: str, providers: str = "", threads: int = 
     runtimes: dict[str, Runtime] = {}
     for path in find_models(root, backend):
         rt = open_runtime(path, backend, ort, threads)
-        if rt.model_id in runtimes:
-            raise BackendError(f"two models with id {rt.model_id!r} in {root}")
-        runtimes[rt.model_id] = rt
-        log.info("loaded %s (%s, %s h%d fc%d, %d chars) from %s%s", rt.model_id, rt.backend, rt.cell,
-                 rt.hidden_size, rt.fc_layers, len(rt.vocab), path,
-                 f" on {', '.join(rt.providers)}" if hasattr(rt, "providers") else "")
+        name = path.parent.name
+        runtimes[name] = rt
+        log.info("loaded %s (%s%s, %s h%d fc%d, %d chars) from %s%s", name, rt.backend,
+                 f", model {rt.model_id}" if rt.model_id != name else "", rt.cell, rt.hidden_size, rt.fc_layers,
+                 len(rt.vocab), path, f" on {', '.join(rt.providers)}" if hasattr(rt, "providers") else "")
     return runtimes

@@ -80,8 +80,8 @@ class Engine:
     # the protocol
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(rt.model_id, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars, rt.backend)
-                for rt in self.runtimes.values()]
+        return [ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars, rt.backend)
+                for name, rt in self.runtimes.items()]
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Chunk]:
         arrived = time.perf_counter()

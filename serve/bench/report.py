@@ -168,7 +168,7 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
         best = max(r["details"]["step_speedups"].items(), key=lambda kv: kv[1] or 0, default=None)
         if best and best[1]:
             out.append(_target("carried_20x", None, best[1], 20.0, "higher", model=r["model"], backend=best[0],
-                               note=note + f"; carried: the fastest backend's batch-1 step (sampling excluded)"))
+                               note=note + "; carried: the fastest backend's batch-1 step (sampling excluded)"))
     big = [r for r in step1 if r["hidden_size"] == 512 and r["x_limit"] is not None]
     out += [_target("limit_3x", r, r["x_limit"], 3.0, "lower", note=f"limit {r['limit_us']:.1f} us") for r in big]
     gpu = [r for r in step1 if r["backend"] in ("tensorrt", "torch-cudagraph")]
@@ -274,7 +274,7 @@ def markdown(rep: dict) -> str:
         f"the CPU backends at each, labelled tN past 1; the other modes and the server use {s['threads'][0]}). "
         f"Load average at start {m['load_average']['start']}, at end {m['load_average']['end']} "
         f"(other work on the machine shows here).",
-        f"- **Models**: " + "; ".join(f"`{x['model']}` ({x['weights']} weights)" for x in rep["models"])
+        "- **Models**: " + "; ".join(f"`{x['model']}` ({x['weights']} weights)" for x in rep["models"])
         + ". Timing does not depend on the weights' values.\n",
     ]
     out.append("## Targets\n")
@@ -358,8 +358,8 @@ def markdown(rep: dict) -> str:
                        f"(and a few more), read or copied over and over, the faster of the two: {bw}; main memory "
                        f"({p['dram']['working_set'] / 2**20:.0f} MiB working set): {p['dram']['best'] / 1e9:.0f} GB/s.")
         out.append("\nLimit of a step = max(weight bytes / bandwidth, FLOPs / matmul rate), the faster library's rate; "
-                   "x limit = measured median / limit. Small probes are bound by the cost of each call and read low, so "
-                   "each model takes the fastest probe over a working set at least as large as its weights (for "
+                   "x limit = measured median / limit. Small probes are bound by the cost of each call and read low, "
+                   "so each model takes the fastest probe over a working set at least as large as its weights (for "
                    "weights that fit a smaller cache the true limit is lower still).\n")
         group = lambda r: (r["model"], r["batch"], r["device"], r["precision"], r["threads"])  # noqa: E731
         steps: dict[tuple, list] = {}
@@ -375,7 +375,8 @@ def markdown(rep: dict) -> str:
     if rep["skipped"]:
         out.append("\n## Not measured\n")
         out.append(_table(["what", "model", "why"],
-                          [[s["what"], s.get("model") or "all", s["reason"].replace("|", "/")] for s in rep["skipped"]]))
+                          [[s["what"], s.get("model") or "all", s["reason"].replace("|", "/")]
+                           for s in rep["skipped"]]))
     out.append("\n## How it was measured\n")
     out.append(
         f"- Step: each backend gets about {s['seconds']} s of timed calls per point (at most {s['max_calls']}), in "

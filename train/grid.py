@@ -41,7 +41,7 @@ PRESETS = {
                      train=dict(epochs=20, patience=3, evals_per_epoch=2)),
     "quick": dict(rows=[dict(corpus="tinyshakespeare", cell=c, seq_len=50, hidden_size=64, fc_layers=1) for c in CELLS]
                   + [dict(corpus="tinyshakespeare", cell="lstm", seq_len=50, hidden_size=128, fc_layers=2)],
-                  train=dict(epochs=4, max_minutes=0.4, evals_per_epoch=2)),  # the README demo: ~2 CPU minutes
+                  train=dict(epochs=10, max_minutes=0.4, evals_per_epoch=2)),  # the README demo: ~2 CPU minutes
 }
 PRESETS["seed"] = dict(rows=PRESETS["seed-p1"]["rows"] + PRESETS["seed-p23"]["rows"],
                        train=PRESETS["seed-p23"]["train"], per_corpus={"prediction": PRESETS["seed-p1"]["train"]})

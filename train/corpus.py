@@ -60,6 +60,10 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_text(text: str) -> str:
+    return _sha256(text.encode("utf-8"))
+
+
 def _checked(path: Path, corpus: Corpus) -> Path:
     digest = _sha256(path.read_bytes())
     if digest != corpus.sha256:

@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -176,6 +176,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         self.text = corpus.load_text(Path(job.corpus_path))
         self.vocab = Vocab.from_text(self.text)
+        self.corpus_sha256 = corpus.sha256_text(self.text)
         train_text, val_text, test_text = corpus.split(self.text)
         pin = self.device.type == "cuda"
         to = lambda s: (torch.from_numpy(self.vocab.encode(s)).pin_memory() if pin  # noqa: E731
@@ -207,7 +208,7 @@ class Trainer:
         """What makes a run this run: a train_state.pt from another identity is never resumed."""
         j = self.job
         return {"model_id": j.model_id, "cell": j.cell, "seq_len": j.seq_len, "hidden_size": j.hidden_size,
-                "fc_layers": j.fc_layers, "corpus_sha256": corpus._sha256(self.text.encode()),
+                "fc_layers": j.fc_layers, "corpus_sha256": self.corpus_sha256,
                 "train": {k: v for k, v in asdict(self.cfg).items() if k not in NOT_IDENTITY}}
 
     def _config(self, metrics: dict | None, done: bool) -> dict:
@@ -216,7 +217,7 @@ class Trainer:
         return {
             "model_id": j.model_id, "model": self.model.cfg.to_dict(), "vocab": self.vocab.chars,
             "train": {**asdict(self.cfg), "seq_len": j.seq_len, "batch": self.cfg.batch()},
-            "corpus": {"name": j.corpus, "path": j.corpus_path, "sha256": corpus._sha256(self.text.encode()),
+            "corpus": {"name": j.corpus, "path": j.corpus_path, "sha256": self.corpus_sha256,
                        "chars": len(self.text), "split": list(corpus.SPLIT)},
             "parameters": params, "size_mb": size_mb(params), "done": done, "metrics": metrics,
         }
@@ -292,21 +293,23 @@ class Trainer:
         else:
             self.opt.step()
 
+    def _n_streams(self) -> int:
+        """Objective "all": parallel streams, fewer than asked when the text is too short for that many."""
+        return max(1, min(self.cfg.batch(), (self.train_ids.numel() - 1) // (self.job.seq_len + 1)))
+
     def _batches(self):
         """This epoch's (x, y) batches; each epoch's order is fixed by (seed, epoch), so resume repeats it."""
-        T, B = self.job.seq_len, self.cfg.batch()
+        T = self.job.seq_len
         if self.cfg.objective == "all":
-            B = max(1, min(B, (self.train_ids.numel() - 1) // (T + 1)))
-            return stream_batches(streams(self.train_ids, B), T)
+            return stream_batches(streams(self.train_ids, self._n_streams()), T)
         gen = torch.Generator().manual_seed(self.cfg.seed * 100_003 + self.epoch)
-        return window_batches(self.train_ids, T, B, gen)
+        return window_batches(self.train_ids, T, self.cfg.batch(), gen)
 
     def steps_per_epoch(self) -> int:
-        T, B = self.job.seq_len, self.cfg.batch()
+        T, N = self.job.seq_len, self.train_ids.numel()
         if self.cfg.objective == "all":
-            B = max(1, min(B, (self.train_ids.numel() - 1) // (T + 1)))
-            return math.ceil((self.train_ids.numel() // B - 1) / T)
-        return math.ceil((self.train_ids.numel() - T) / B)
+            return math.ceil((N // self._n_streams() - 1) / T)
+        return math.ceil((N - T) / self.cfg.batch())
 
     # --- the loop ----------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -438,7 +441,3 @@ def train_one(job: Job, position: int = 0, quiet: bool = False) -> dict:
     tr.fit()
     tr.finish()
     return read_config(ckpt)
-
-
-def config_fields() -> list:
-    return fields(TrainConfig)

@@ -56,6 +56,11 @@ class Stream:
         """Consume the logits (V,) after `tokens`: set `tokens` to the next one or `done`; return an event or None."""
         raise NotImplementedError
 
+    @classmethod
+    def advance_rows(cls, streams: list["Stream"], logits: np.ndarray, now: float) -> list:
+        """`advance` for several streams of this class on their rows of logits (n, V); subclasses may batch it."""
+        return [s.advance(row, now) for s, row in zip(streams, logits)]
+
     def fail(self, exc: BaseException):
         """The event that ends this stream when the scheduler cannot run it."""
         return exc
@@ -200,9 +205,15 @@ class Scheduler:
         if self.metrics:
             self.metrics.batch_size.observe(len(batch))
         now = time.perf_counter()
+        by_class = defaultdict(list)
+        for i, s in enumerate(batch):
+            by_class[type(s)].append(i)
+        advanced = {}
+        for cls, rows in by_class.items():
+            advanced.update(zip(rows, cls.advance_rows([batch[i] for i in rows], logits[rows], now)))
         keep = []
         for i, s in enumerate(batch):
-            event = s.advance(logits[i], now)
+            event = advanced[i]
             if event is not None:
                 s.produced += 1
                 events.append((s, event))

@@ -9,7 +9,7 @@ import numpy as np
 
 from serve.scheduler import Stream
 from serve.types import Chunk, FinishReason, GenerateRequest, GenerateStats, Prediction, SessionState
-from train.sampling import sample
+from train.sampling import sample_many
 from train.vocab import Vocab
 
 
@@ -31,9 +31,17 @@ class GenerationStream(Stream):
         self.tail = ""  # the last longest_stop characters, to match stop sequences
         self.pending = np.zeros(0, np.int64)  # once done: the last character, sampled but not yet fed
 
-    def advance(self, logits, now):
+    @classmethod
+    def advance_rows(cls, streams, logits, now):
+        """All rows sampled in one call: each draw is what `advance` alone would draw (see sample_many)."""
+        reqs = [s.req for s in streams]
+        tokens = sample_many(logits, [r.temperature for r in reqs], [r.top_k for r in reqs],
+                             [r.top_p for r in reqs], [s.rng for s in streams])
+        return [s.accept(int(t), now) for s, t in zip(streams, tokens)]
+
+    def accept(self, token: int, now: float):
+        """The sampled next character: count it, check stops and length, and maybe emit a chunk."""
         r = self.req
-        token = sample(logits, r.temperature, r.top_k, r.top_p, self.rng)
         ch = self.vocab.chars[token]
         if self.generated:
             if self.metrics:

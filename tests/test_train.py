@@ -285,3 +285,24 @@ def test_ray_backend_runs_a_two_model_grid(tmp_path, data_dir):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "run" / "results.csv", newline="")))
     assert sorted(r["model_id"] for r in rows) == ["gru-h64-fc1-s50", "rnn-h64-fc1-s50"]
+
+
+def test_batched_sampler_draws_what_the_single_sampler_draws():
+    import numpy as np
+
+    from train.sampling import sample_many
+
+    rng = np.random.default_rng(0)
+    B, V = 48, 65
+    logits = (rng.normal(size=(B, V)) * 3).astype(np.float32)
+    temps = rng.choice([0.0, 0.5, 0.8, 1.0, 1.3], B)
+    ks = rng.choice([0, 0, 5, 20, 64, 65, 100], B)
+    ps = rng.choice([1.0, 1.0, 0.9, 0.5, 0.99], B)
+    for _ in range(20):
+        seeds = rng.integers(0, 2**30, B)
+        single = [sample(logits[i], temps[i], ks[i], ps[i], np.random.default_rng(seeds[i])) for i in range(B)]
+        batch = sample_many(logits, temps, ks, ps, [np.random.default_rng(s) for s in seeds])
+        assert batch.tolist() == single
+        rows = rng.permutation(B)[:7]  # the same streams in another batch
+        sub = sample_many(logits[rows], temps[rows], ks[rows], ps[rows], [np.random.default_rng(seeds[i]) for i in rows])
+        assert sub.tolist() == [single[i] for i in rows]

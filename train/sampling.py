@@ -14,7 +14,11 @@ from train.vocab import Vocab
 
 def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            rng: np.random.Generator | None = None) -> int:
-    """One next-token id from logits (V,). temperature 0 is greedy; top_k 0 and top_p 1 disable those filters."""
+    """One next-token id from logits (V,). temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
+
+    The same arithmetic as `sample_many` on one row (a test checks they agree draw for draw), without
+    its batch bookkeeping, which would triple the cost of a single stream's step.
+    """
     if temperature <= 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / temperature
@@ -27,10 +31,55 @@ def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: 
         order = np.argsort(-p, kind="stable")
         cum = np.cumsum(p[order])
         p[order[int(np.searchsorted(cum, top_p)) + 1:]] = 0.0  # keep the smallest prefix with mass >= top_p
-    # inverse-CDF draw: what Generator.choice(p=...) does, without its validation (~40% of the sampler's time)
+    # inverse-CDF draw, as Generator.choice(p=...) does, without its validation (~40% of the time)
     cdf = np.cumsum(p)
     rng = rng if rng is not None else np.random.default_rng()
-    return int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"))
+    return min(int(np.searchsorted(cdf, rng.random() * cdf[-1], side="right")), z.size - 1)
+
+
+def sample_many(logits: np.ndarray, temperature, top_k, top_p, rngs) -> np.ndarray:
+    """Next-token ids (B,) for logits (B, V), row i with its own settings and generator.
+
+    Row i's draw equals sample(logits[i], temperature[i], top_k[i], top_p[i], rngs[i]) and so does not
+    depend on the rest of the batch (a test checks both): the server samples all its streams in one
+    call (64 rows: ~0.3 ms instead of ~4.7 ms), and a seeded stream gives the same text alone or among
+    others. Greedy rows (temperature <= 0) take no random number.
+    """
+    logits = np.asarray(logits)
+    B, V = logits.shape
+    if B == 1:  # one stream: the scalar path is ~3x cheaper than the batch bookkeeping
+        return np.array([sample(logits[0], temperature[0], top_k[0], top_p[0], rngs[0])])
+    t = np.asarray(temperature, np.float64)
+    out = np.argmax(logits, axis=1)
+    rows = np.flatnonzero(t > 0)
+    if rows.size == 0:
+        return out
+    z = logits[rows].astype(np.float64) / t[rows, None]  # (R, V)
+    k = np.asarray(top_k, np.int64)[rows]
+    cut = (k > 0) & (k < V)
+    if cut.any():
+        kth = np.sort(z[cut], axis=1)[np.arange(cut.sum()), V - k[cut]]  # the k-th largest of each row
+        zc = z[cut]
+        zc[zc < kth[:, None]] = -np.inf
+        z[cut] = zc
+    p = np.exp(z - z.max(axis=1, keepdims=True))  # unnormalised: the draw below scales by the total
+    tp = np.asarray(top_p, np.float64)[rows]
+    nucleus = tp < 1.0
+    if nucleus.any():
+        q = p[nucleus]
+        q /= q.sum(axis=1, keepdims=True)
+        order = np.argsort(-q, axis=1, kind="stable")
+        cum = np.cumsum(np.take_along_axis(q, order, axis=1), axis=1)
+        keep = (cum < tp[nucleus, None]).sum(axis=1) + 1  # the smallest prefix with mass >= top_p
+        rank = np.empty_like(order)
+        np.put_along_axis(rank, order, np.broadcast_to(np.arange(V), order.shape), axis=1)
+        q[rank >= keep[:, None]] = 0.0
+        p[nucleus] = q
+    # inverse-CDF draw, as Generator.choice(p=...) does, without its per-call validation
+    cdf = np.cumsum(p, axis=1)
+    u = np.array([rngs[i].random() for i in rows]) * cdf[:, -1]
+    out[rows] = np.minimum((cdf <= u[:, None]).sum(axis=1), V - 1)
+    return out
 
 
 @torch.inference_mode()

@@ -229,8 +229,9 @@ def main(argv=None) -> int:
     out = args.out or Path("runs") / args.preset
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
-    if args.workers > 1 and "threads" not in overrides:
-        overrides["threads"] = max(1, (os.cpu_count() or 1) // args.workers)
+    if "threads" not in overrides and (args.workers > 1 or args.backend == "ray"):
+        # split the cores between concurrent models; a Ray task asks for (and gets) one CPU per thread
+        overrides["threads"] = 1 if args.backend == "ray" else max(1, (os.cpu_count() or 1) // args.workers)
     try:
         paths = {name: str(corpus.resolve(name, args.data)) for name in {r["corpus"] for r in rows}}
     except corpus.CorpusError as e:

@@ -258,5 +258,17 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> int:
+    try:
+        return main()
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished models and checkpoints are kept; rerun the same command to resume",
+              file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. --dry-run | head
+        sys.stderr.close()
+        return 0
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

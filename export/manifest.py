@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import time
@@ -17,9 +18,26 @@ from pathlib import Path
 
 from train.checkpoint import WEIGHTS, Checkpoint, atomic_write, sha256_file
 
+log = logging.getLogger(__name__)
+
 MANIFEST = "manifest.json"
 FORMAT = "charrnn-export/1"
 EXPORTER_VERSION = 1  # bump when the exported graph changes, so reruns rebuild instead of skipping
+
+
+def publish_if_parity(ckpt: Checkpoint, candidate: Path, path: Path, runtime, spec) -> dict:
+    """Check `runtime` (running `candidate`) against eager PyTorch; only if it passes does the candidate
+    take its real name. Returns the parity report; a failure is a ParityError and nothing is written."""
+    from export.parity import ParityError, check_parity, summary
+    from export.runtime import TorchRuntime
+
+    report = check_parity(TorchRuntime(ckpt.path), runtime, spec)
+    log.info("%s: %s", ckpt.model_id, summary(report))
+    if not report["passed"]:
+        raise ParityError(f"{ckpt.model_id}: {summary(report)}; {path.name} was not written")
+    publish(candidate)
+    os.replace(candidate, path)
+    return report
 
 
 def publish(path: Path, data: bytes | str | None = None) -> None:

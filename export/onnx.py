@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from export import manifest
-from export.parity import ParityError, ParitySpec, check_parity, summary
-from export.runtime import META_KEYS, OrtRuntime, TorchRuntime
+from export.parity import ParityError, ParitySpec
+from export.runtime import META_KEYS, OrtRuntime
 from train.checkpoint import Checkpoint, atomic_write, load_checkpoint, read_config
 from train.model import CharRNN
 
@@ -153,13 +153,8 @@ def export_onnx_result(ckpt_dir: Path, out_dir: Path | None = None, precision: s
     try:
         build_onnx(ckpt, candidate, precision, opset, source["checkpoint_sha256"])
         export_s = time.perf_counter() - t0
-        spec = parity or ParitySpec.for_precision(precision)
-        report = check_parity(TorchRuntime(ckpt.path), OrtRuntime(candidate, threads=1), spec)
-        log.info("%s: %s", ckpt.model_id, summary(report))
-        if not report["passed"]:
-            raise ParityError(f"{ckpt.model_id}: {summary(report)}; the export was not written")
-        manifest.publish(candidate)
-        os.replace(candidate, path)
+        report = manifest.publish_if_parity(ckpt, candidate, path, OrtRuntime(candidate, threads=1),
+                                            parity or ParitySpec.for_precision(precision))
     finally:
         candidate.unlink(missing_ok=True)
     entry = {"file": os.path.relpath(path, manifest_dir), "precision": precision, "options": options,

@@ -20,7 +20,6 @@ hardware-compatible; the manifest records version, GPU, compute capability, prof
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,8 +28,8 @@ import numpy as np
 
 from export import manifest
 from export.onnx import default_out_dir, export_onnx_result
-from export.parity import ParityError, ParitySpec, check_parity, summary
-from export.runtime import Runtime, TorchRuntime, read_onnx_metadata
+from export.parity import ParitySpec
+from export.runtime import Runtime, read_onnx_metadata
 from train.checkpoint import atomic_write, load_checkpoint, sha256_file
 from train.vocab import Vocab
 
@@ -278,12 +277,8 @@ def export_trt(ckpt_dir: Path, out_dir: Path | None = None, precision: str = "fp
         info = build_engine(onnx_path, candidate, precision, opts, cache, ckpt.model.cfg.hidden_size,
                             ckpt.model.cfg.num_states)
         runtime = TensorRTRuntime(candidate, onnx_path, allow_host_code=opts.version_compatible)
-        report = check_parity(TorchRuntime(ckpt.path), runtime, parity or ParitySpec.for_precision(precision))
-        log.info("%s: %s", ckpt.model_id, summary(report))
-        if not report["passed"]:
-            raise ParityError(f"{ckpt.model_id}: {summary(report)}; the engine was not written")
-        manifest.publish(candidate)
-        os.replace(candidate, path)
+        report = manifest.publish_if_parity(ckpt, candidate, path, runtime,
+                                            parity or ParitySpec.for_precision(precision))
     finally:
         candidate.unlink(missing_ok=True)
     entry = {"file": FILE, "onnx": onnx_path.name, "precision": precision, "options": options, **info,

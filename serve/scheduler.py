@@ -2,7 +2,8 @@
 
 Each scheduler owns a thread and its model's runtime (the only caller of `runtime.step`, so runtimes
 need not be thread-safe). A stream is anything with tokens to feed and an `advance(logits)` that
-consumes the logits after them; the scheduler never looks at text. Every scheduler step:
+consumes the logits after them (`advance_rows` for all streams of a class at once); the scheduler never
+looks at text. Every scheduler step:
 
 1. drop cancelled streams (their slot is free at once); admit resumed, then waiting streams while fewer
    than `max_batch` are prefilling or decoding;
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 
 class Stream:
-    """A request inside a scheduler. Subclasses implement `advance`."""
+    """A request inside a scheduler. Subclasses implement `advance` (or `advance_rows`, a step's rows at once)."""
 
     def __init__(self, tokens: np.ndarray, state=None):
         self.tokens = tokens  # (T,) int64 to feed before the next advance; T >= 1

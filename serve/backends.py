@@ -87,24 +87,35 @@ def open_runtime(path: Path, backend: str, providers: list[str] | None = None, t
     raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(MODEL_FILES)}")
 
 
-def load_runtimes(root: Path, backend: str, providers: str = "", threads: int = 0) -> dict[str, Runtime]:
-    """Every model under root, by the name of its directory: the model id, or a variant of it such as
-    the fp16 export `<model-id>-fp16`, so that variants of one model are served side by side."""
+def resolve_providers(backend: str, providers: str = "") -> list[str] | None:
+    """Check the backend and find what it needs; onnxruntime's provider list (None for the others)."""
     if backend not in MODEL_FILES:
         raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(MODEL_FILES)}")
-    ort = ort_providers(providers) if backend == "onnxruntime" else None
+    if backend == "tensorrt":
+        _tensorrt_runtime_class()
+    return ort_providers(providers) if backend == "onnxruntime" else None
+
+
+def open_runtimes(paths: list[Path], backend: str, providers: list[str] | None = None,
+                  threads: int = 0) -> dict[str, Runtime]:
+    """A runtime per model file, by the name of its directory: the model id, or a variant of it such as
+    the fp16 export `<model-id>-fp16`, so that variants of one model are served side by side."""
     if backend == "torch" and threads:
         import torch
 
         torch.set_num_threads(threads)  # process-wide; on a busy machine fewer threads stall less
-    if backend == "tensorrt":
-        _tensorrt_runtime_class()
     runtimes: dict[str, Runtime] = {}
-    for path in find_models(root, backend):
-        rt = open_runtime(path, backend, ort, threads)
+    for path in paths:
+        rt = open_runtime(path, backend, providers, threads)
         name = path.parent.name
         runtimes[name] = rt
         log.info("loaded %s (%s%s, %s h%d fc%d, %d chars) from %s%s", name, rt.backend,
                  f", model {rt.model_id}" if rt.model_id != name else "", rt.cell, rt.hidden_size, rt.fc_layers,
                  len(rt.vocab), path, f" on {', '.join(rt.providers)}" if hasattr(rt, "providers") else "")
     return runtimes
+
+
+def load_runtimes(root: Path, backend: str, providers: str = "", threads: int = 0) -> dict[str, Runtime]:
+    """Every model under root, opened in this process."""
+    providers = resolve_providers(backend, providers)
+    return open_runtimes(find_models(root, backend), backend, providers, threads)

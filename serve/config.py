@@ -22,6 +22,8 @@ class ServerConfig:
     host: str = _opt("127.0.0.1", "address to bind; loopback unless asked otherwise")
     port: int = _opt(50051, "gRPC port; 0 picks a free one (logged)")
     metrics_port: int | None = _opt(None, "Prometheus /metrics port; 0 picks a free one; unset: no endpoint")
+    workers: int = _opt(1, "worker processes that step the models (models are spread over them), so that steps "
+                           "and the gRPC event loop do not share one interpreter lock; 0: threads of this process")
     max_batch: int = _opt(64, "streams stepped together in one backend call, per model")
     max_streams: int = _opt(256, "concurrent Generate streams and Predict calls, all models together; "
                                  "RESOURCE_EXHAUSTED past it")
@@ -49,8 +51,12 @@ class ServerConfig:
         if bad:
             raise ValueError(f"must be >= 1: {', '.join(bad)}")
         self.default_chars = min(self.default_chars, self.max_chars)
-        if self.session_ttl_s <= 0 or self.grace_s < 0:
-            raise ValueError("session_ttl_s must be > 0 and grace_s >= 0")
+        if self.session_ttl_s <= 0 or self.grace_s < 0 or self.workers < 0:
+            raise ValueError("session_ttl_s must be > 0, grace_s and workers >= 0")
+
+    def scheduler_settings(self) -> dict:
+        """serve.scheduler.Scheduler's keyword arguments."""
+        return {"max_batch": self.max_batch, "prefill_chunk": self.prefill_chunk, "max_unsent": self.max_unsent}
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:

@@ -22,17 +22,29 @@ from serve.metrics import Metrics
 from serve.scheduler import Scheduler, Stream
 from serve.sessions import Session, SessionCache
 from serve.streams import GenerationStream, PredictionJob
-from serve.types import Chunk, GenerateRequest, ModelInfo, Prediction, PredictRequest, SessionState
+from serve.types import (
+    Chunk,
+    GenerateRequest,
+    ModelInfo,
+    Prediction,
+    PredictRequest,
+    SessionState,
+)
+from serve.workers import ModelCard, RemoteScheduler, WorkerPool
 
 PREDICT_TOP_K = 5  # Predict's top_k when the request leaves it 0
 
 
 class Engine:
-    def __init__(self, runtimes: dict[str, Runtime], cfg: ServerConfig, metrics: Metrics | None = None):
-        self.runtimes, self.cfg = runtimes, cfg
+    """models: runtimes to step in this process (one scheduler thread each), or the cards of the models
+    that `pool`'s worker processes step."""
+
+    def __init__(self, models: dict[str, Runtime | ModelCard], cfg: ServerConfig, metrics: Metrics | None = None,
+                 pool: WorkerPool | None = None):
+        self.served, self.cfg, self.pool = models, cfg, pool
         self.metrics = metrics or Metrics()
         self.sessions = SessionCache(cfg.session_ttl_s, cfg.max_sessions)
-        self.schedulers: dict[str, Scheduler] = {}
+        self.schedulers: dict[str, Scheduler | RemoteScheduler] = {}
         self.in_flight = 0  # Generate streams and Predict calls, all models
         self.draining = False
         self._idle = asyncio.Event()
@@ -46,9 +58,12 @@ class Engine:
     def start(self) -> None:
         """Start one scheduler per model; call on the event loop that will serve requests."""
         self._loop = asyncio.get_running_loop()
-        for mid, rt in self.runtimes.items():
-            self.schedulers[mid] = Scheduler(rt, self._deliver, self.cfg.max_batch, self.cfg.prefill_chunk,
-                                             self.cfg.max_unsent, self.metrics.model(mid)).start()
+        if self.pool:
+            self.schedulers = self.pool.start(self._loop, self.metrics, self.cfg.max_unsent)
+            return
+        for mid, rt in self.served.items():
+            self.schedulers[mid] = Scheduler(rt, self._deliver, metrics=self.metrics.model(mid),
+                                             **self.cfg.scheduler_settings()).start()
 
     def drain(self) -> None:
         """Refuse new requests from now on (UNAVAILABLE); those in flight carry on."""
@@ -59,12 +74,18 @@ class Engine:
         await self._idle.wait()
 
     def stop(self) -> None:
+        exc = Unavailable("the server stopped")
+        if self.pool:
+            self.pool.stop(exc)
+            return
         for scheduler in self.schedulers.values():
-            scheduler.stop(Unavailable("the server stopped"))
+            scheduler.stop(exc)
 
     def _deliver(self, events: list) -> None:
         """Called by a scheduler thread with (stream, event) pairs. One hop onto the loop per step, or none
         when a hop is already on its way (the loop is behind): waking the loop costs a syscall."""
+        if not events:
+            return
         with self._outbox_lock:
             wake = not self._outbox
             self._outbox += events
@@ -81,7 +102,7 @@ class Engine:
 
     def models(self) -> list[ModelInfo]:
         return [ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars, rt.backend)
-                for name, rt in self.runtimes.items()]
+                for name, rt in self.served.items()]
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Chunk]:
         arrived = time.perf_counter()
@@ -148,9 +169,9 @@ class Engine:
             raise Unavailable("the server is shutting down")
         if not model:
             raise InvalidArgument("model is required (ListModels lists them)")
-        if model not in self.runtimes:
-            raise NotFound(f"unknown model {model!r}; loaded: {', '.join(self.runtimes)}")
-        return self.runtimes[model]
+        if model not in self.served:
+            raise NotFound(f"unknown model {model!r}; loaded: {', '.join(self.served)}")
+        return self.served[model]
 
     def _check_generate(self, req: GenerateRequest, rt: Runtime) -> tuple[GenerateRequest, np.ndarray]:
         """Bound every field; returns the request with defaults resolved, and the prompt's tokens."""

@@ -1,46 +1,105 @@
-"""Prometheus metrics, on a registry of the server's own (several servers can share a process)."""
+"""Prometheus metrics, on a registry of the server's own (several servers can share a process).
+
+A model's figures (`ModelMetrics`) are plain counters written by its scheduler's thread, which may run
+in a worker process: they pickle, and the server's copy is refreshed from the worker's snapshots. A
+collector turns them into Prometheus families when /metrics is read.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 _LATENCY_BUCKETS = tuple(round(1e-5 * 2 ** i, 8) for i in range(20))  # 10 us .. 5 s
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 
+class Histo:
+    """A histogram with one writer and no lock: counts per bucket (value <= bound; the last is +Inf) and sum."""
+
+    def __init__(self, bounds: tuple):
+        self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), list(self.counts)):
+            total += n
+            out.append((floatToGoString(bound), total))
+        return out
+
+
+class Level:
+    """A gauge with one writer."""
+
+    value = 0.0
+
+    def set(self, value: float) -> None:
+        self.value = value
+
+
 @dataclass
 class ModelMetrics:
-    """One model's children of the labelled metrics (resolved once: `labels()` is not free)."""
+    ttfc: Histo = field(default_factory=lambda: Histo(_LATENCY_BUCKETS))
+    inter_char: Histo = field(default_factory=lambda: Histo(_LATENCY_BUCKETS))
+    batch_size: Histo = field(default_factory=lambda: Histo(_BATCH_BUCKETS))
+    active: Level = field(default_factory=Level)
+    queued: Level = field(default_factory=Level)
 
-    ttfc: object
-    inter_char: object
-    batch_size: object
-    active: object
-    queued: object
+    def snapshot(self) -> tuple:
+        return tuple((list(h.counts), h.sum) for h in (self.ttfc, self.inter_char, self.batch_size)) + (
+            self.active.value, self.queued.value)
+
+    def load(self, snapshot: tuple) -> None:
+        *hists, self.active.value, self.queued.value = snapshot
+        for h, (counts, total) in zip((self.ttfc, self.inter_char, self.batch_size), hists):
+            h.counts, h.sum = counts, total
+
+
+_FAMILIES = (  # (kind, name, help, ModelMetrics attribute)
+    (HistogramMetricFamily, "charrnn_time_to_first_char_seconds",
+     "From a request's arrival to its first generated character", "ttfc"),
+    (HistogramMetricFamily, "charrnn_inter_char_seconds", "Between consecutive characters of a stream", "inter_char"),
+    (HistogramMetricFamily, "charrnn_batch_size", "Streams in one decode step", "batch_size"),
+    (GaugeMetricFamily, "charrnn_active_streams", "Streams in a model's batch", "active"),
+    (GaugeMetricFamily, "charrnn_queued_streams", "Streams waiting for room in a batch", "queued"),
+)
+
+
+class _ModelCollector:
+    def __init__(self, models: dict[str, ModelMetrics]):
+        self.models = models
+
+    def collect(self):
+        for kind, name, doc, attr in _FAMILIES:
+            family = kind(name, doc, labels=["model"])
+            for mid, m in list(self.models.items()):
+                value = getattr(m, attr)
+                if kind is HistogramMetricFamily:
+                    family.add_metric([mid], value.cumulative(), sum_value=value.sum)
+                else:
+                    family.add_metric([mid], value.value)
+            yield family
 
 
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
-        self.ttfc = Histogram("charrnn_time_to_first_char_seconds",
-                              "From a request's arrival to its first generated character", ["model"],
-                              registry=r, buckets=_LATENCY_BUCKETS)
-        self.inter_char = Histogram("charrnn_inter_char_seconds",
-                                    "Between consecutive characters of a stream", ["model"],
-                                    registry=r, buckets=_LATENCY_BUCKETS)
-        self.batch_size = Histogram("charrnn_batch_size", "Streams in one decode step", ["model"],
-                                    registry=r, buckets=_BATCH_BUCKETS)
-        self.active = Gauge("charrnn_active_streams", "Streams in a model's batch", ["model"], registry=r)
-        self.queued = Gauge("charrnn_queued_streams", "Streams waiting for room in a batch", ["model"], registry=r)
+        self.models: dict[str, ModelMetrics] = {}
+        r.register(_ModelCollector(self.models))
         self.sessions = Gauge("charrnn_sessions", "Sessions holding state", registry=r)
         self.requests = Counter("charrnn_requests", "Finished requests by method and status code",
                                 ["method", "code"], registry=r)
         self._http = None
 
     def model(self, model_id: str) -> ModelMetrics:
-        return ModelMetrics(*(m.labels(model_id) for m in
-                              (self.ttfc, self.inter_char, self.batch_size, self.active, self.queued)))
+        return self.models.setdefault(model_id, ModelMetrics())
 
     def serve_http(self, host: str, port: int) -> int:
         """Serve /metrics; returns the bound port (port 0 picks one)."""

@@ -15,7 +15,8 @@ looks at text. Every scheduler step:
 
 Streams whose prompt is down to its last token join the decode batch (their state is concatenated onto
 it); finished and cancelled ones leave it (`runtime.take` of the rest). Membership only changes between
-steps. Events that streams produce in a step are handed to `deliver` in one call.
+steps. Events that streams produce in a step are handed to `deliver` in one call (an empty one when
+streams came or went without an event, so that a process holding the metrics hears of it).
 
 Backpressure: a stream whose consumer has `max_unsent` events not yet taken (a slow or stalled client)
 is paused: it leaves the batch with its state (freeing its place for another stream) and rejoins once
@@ -66,6 +67,10 @@ class Stream:
         """The event that ends this stream when the scheduler cannot run it."""
         return exc
 
+    def __getstate__(self) -> dict:
+        """What goes to a worker process: everything but the consumer's side (its queue)."""
+        return {k: v for k, v in self.__dict__.items() if k != "queue"}
+
 
 class Scheduler:
     def __init__(self, runtime: Runtime, deliver: Callable[[list], None], max_batch: int = 64,
@@ -99,9 +104,9 @@ class Scheduler:
             self._inbox.append(stream)
             self._cv.notify()
 
-    def ack(self, stream: Stream) -> None:
-        """The consumer took one of the stream's events (called on the consumer's thread)."""
-        stream.consumed += 1
+    def ack(self, stream: Stream, count: int = 1) -> None:
+        """The consumer took `count` more of the stream's events (called on the consumer's thread)."""
+        stream.consumed += count
         if stream.paused and stream.unsent <= self._resume_at:
             self._wake()
 
@@ -138,13 +143,14 @@ class Scheduler:
                 if self._stopping:
                     return
             events: list = []
+            active = self.active
             try:
                 self._step(events)
             except Exception as exc:  # a backend failure ends the streams of this model, not the server
                 log.exception("%s: step failed; ending its %d streams", self.runtime.model_id, self.active)
                 events += [(s, s.fail(exc)) for s in self._prefilling + self._decoding + self._paused]
                 self._reset()
-            if events:
+            if events or self.active != active:  # no events but a stream came or went: metrics changed
                 self.deliver(events)
 
     def _reset(self) -> None:

@@ -22,7 +22,16 @@ from serve.config import ServerConfig, parse_args
 from serve.engine import Engine
 from serve.errors import status_code
 from serve.metrics import Metrics
-from serve.types import Chunk, FinishReason, GenerateRequest, ModelInfo, Prediction, PredictRequest, SessionState
+from serve.types import (
+    Chunk,
+    FinishReason,
+    GenerateRequest,
+    ModelInfo,
+    Prediction,
+    PredictRequest,
+    SessionState,
+)
+from serve.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -156,11 +165,20 @@ class Server:
     """A running server: `await start()`, then `await drain_and_stop()` (what SIGTERM does)."""
 
     def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None):
+        """Models are opened in cfg.workers worker processes, or in this process when that is 0 or when
+        `runtimes` (already open) are given."""
         self.cfg = cfg
-        self.runtimes = runtimes if runtimes is not None else load_runtimes(cfg.models, cfg.backend, cfg.providers,
-                                                                             cfg.threads)
+        pool = None
+        if runtimes is None and cfg.workers:
+            pool = WorkerPool(cfg.models, cfg.backend, cfg.providers, cfg.threads, cfg.workers,
+                              cfg.scheduler_settings())
+            models = pool.cards
+        else:
+            models = runtimes if runtimes is not None else load_runtimes(cfg.models, cfg.backend, cfg.providers,
+                                                                          cfg.threads)
+        self.models = list(models)
         self.metrics = Metrics()
-        self.engine = Engine(self.runtimes, cfg, self.metrics)
+        self.engine = Engine(models, cfg, self.metrics, pool)
         self.health = health.aio.HealthServicer()
         self.port = self.metrics_port = None
         self._grpc: grpc.aio.Server | None = None
@@ -180,12 +198,14 @@ class Server:
             if self.cfg.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port)
         except (RuntimeError, OSError) as e:
+            if self.engine.pool:
+                self.engine.pool.close()
             raise StartError(f"cannot listen on {address} (metrics port {self.cfg.metrics_port}): {e}") from None
         self.engine.start()
         await server.start()
-        for name in ["", SERVICE, *self.runtimes]:  # overall, the service, and each model by id
+        for name in ["", SERVICE, *self.models]:  # overall, the service, and each model by id
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %d model(s) (%s) on %s:%d%s", len(self.runtimes), ", ".join(self.runtimes),
+        log.info("serving %d model(s) (%s) on %s:%d%s", len(self.models), ", ".join(self.models),
                  self.cfg.host, self.port, f"; metrics on :{self.metrics_port}" if self.metrics_port else "")
         return self
 
@@ -268,8 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = parse_args(argv)
     try:
-        runtimes = load_runtimes(cfg.models, cfg.backend, cfg.providers, cfg.threads)
-        asyncio.run(run(cfg, runtimes))
+        asyncio.run(run(cfg))
     except (BackendError, StartError) as e:
         log.error("%s", e)
         return 2

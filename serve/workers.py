@@ -1,0 +1,306 @@
+"""Model workers: the schedulers in processes of their own, so that the gRPC front end's event loop and
+the models' steps stop taking turns on one interpreter lock.
+
+`--workers N` (default 1) spreads the models over N worker processes (spawned, not forked: gRPC's and
+onnxruntime's threads do not survive a fork). A worker opens its models' runtimes and runs one
+`Scheduler` thread per model, exactly as the server process itself does with `--workers 0`. The front
+end (serve.engine) keeps requests, sessions and limits; a worker keeps the streams it steps. One pipe
+per worker carries pickled messages between our own two processes:
+
+    front -> worker  ("submit", model, sid, stream)   the stream with its tokens, state and request
+                     ("ack", sid, consumed)           every few events taken (backpressure, see Scheduler)
+                     ("cancel", sid), ("stop",)
+    worker -> front  ("ready", {model: ModelCard}) or ("error", message), once, after loading
+                     ("events", [(sid, event, final)], {model: metrics snapshot}), one per step with events;
+                     final = (state, pending) once the stream has ended, else None
+
+A worker that dies (killed, crashed) ends its streams with UNAVAILABLE and refuses its models' new
+requests the same way; the other workers' models carry on.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import multiprocessing
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.runtime import Runtime
+from serve.backends import BackendError, find_models, open_runtimes, resolve_providers
+from serve.errors import ServeError, Unavailable
+from serve.metrics import ModelMetrics
+from serve.scheduler import Scheduler, Stream
+from train.vocab import Vocab, VocabError
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_EVERY_S = 0.1  # a model's metrics travel with its events this often, and whenever streams come or go
+STOP_TIMEOUT_S = 10.0  # a worker that has not exited by then after "stop" is killed
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What the front end knows of a model a worker runs: enough to check requests and to list it."""
+
+    model_id: str
+    cell: str
+    hidden_size: int
+    fc_layers: int
+    vocab: Vocab
+    backend: str
+
+    @classmethod
+    def of(cls, rt: Runtime) -> "ModelCard":
+        return cls(rt.model_id, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab, rt.backend)
+
+
+# the worker process
+
+def _worker_main(conn, paths: list[Path], backend: str, providers, threads: int, settings: dict) -> None:
+    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server drains its streams
+    # and then stops the workers, which otherwise leave only when the server's end of the pipe closes.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
+    try:
+        runtimes = open_runtimes(paths, backend, providers, threads)
+    except BackendError as e:
+        conn.send(("error", str(e)))
+        return
+    conn.send(("ready", {name: ModelCard.of(rt) for name, rt in runtimes.items()}))
+    _Worker(conn, runtimes, settings).serve()
+
+
+class _Worker:
+    def __init__(self, conn, runtimes: dict[str, Runtime], settings: dict):
+        self.conn, self._send_lock = conn, threading.Lock()
+        self.streams: dict[int, tuple[Stream, Scheduler]] = {}
+        self.metrics = {name: ModelMetrics() for name in runtimes}
+        self._snapshot_at = dict.fromkeys(runtimes, 0.0)
+        self.schedulers = {name: Scheduler(rt, functools.partial(self.deliver, name), metrics=self.metrics[name],
+                                           **settings).start() for name, rt in runtimes.items()}
+
+    def serve(self) -> None:
+        """Carry out the front end's messages until "stop" (or until the front end is gone)."""
+        while True:
+            try:
+                msg = self.conn.recv()
+            except (EOFError, OSError):
+                msg = ("stop",)
+            kind = msg[0]
+            if kind == "submit":
+                _, model, sid, stream = msg
+                if hasattr(stream, "metrics"):
+                    stream.metrics = self.metrics[model]
+                scheduler = self.schedulers[model]
+                self.streams[sid] = (stream, scheduler)
+                scheduler.submit(stream)
+            elif kind in ("ack", "cancel") and msg[1] in self.streams:
+                stream, scheduler = self.streams[msg[1]]
+                if kind == "ack":
+                    scheduler.ack(stream, msg[2] - stream.consumed)
+                else:
+                    scheduler.cancel(stream)
+            elif kind == "stop":
+                for scheduler in self.schedulers.values():
+                    scheduler.stop(Unavailable("the server stopped"))
+                return
+
+    def deliver(self, model: str, events: list) -> None:
+        """A scheduler's events of one step, on their way to the front end (called on that scheduler's thread)."""
+        out, ended = [], False
+        for stream, event in events:
+            final = None
+            if stream.done or isinstance(event, BaseException):
+                final, ended = (stream.state, getattr(stream, "pending", None)), True
+                self.streams.pop(stream.sid, None)
+            if isinstance(event, BaseException) and not isinstance(event, (ServeError, VocabError)):
+                event = RuntimeError(f"{type(event).__name__}: {event}")  # library exceptions may not pickle
+            out.append((stream.sid, event, final))
+        now = time.monotonic()
+        snapshots = {}
+        if ended or not events or now - self._snapshot_at[model] >= SNAPSHOT_EVERY_S:
+            self._snapshot_at[model] = now
+            snapshots[model] = self.metrics[model].snapshot()
+        try:
+            with self._send_lock:
+                self.conn.send(("events", out, snapshots))
+        except OSError:  # the front end is gone; serve() sees it too and stops
+            pass
+
+
+# the front end's side
+
+class WorkerPool:
+    """Starts the workers and waits until they have loaded their models (BackendError if one cannot)."""
+
+    def __init__(self, root: Path, backend: str, providers: str = "", threads: int = 0, workers: int = 1,
+                 settings: dict | None = None):
+        providers = resolve_providers(backend, providers)  # a bad backend or provider fails here, at once
+        paths = find_models(root, backend)
+        ctx = multiprocessing.get_context("spawn")
+        self.workers: list[_WorkerHandle] = []
+        self.cards: dict[str, ModelCard] = {}
+        try:
+            for i in range(min(workers, len(paths))):
+                self.workers.append(_WorkerHandle(ctx, i, paths[i::workers], backend, providers, threads,
+                                                  settings or {}))
+            for w in self.workers:  # all load at once
+                self.cards.update(w.wait_ready())
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, loop: asyncio.AbstractEventLoop, metrics, max_unsent: int) -> dict[str, "RemoteScheduler"]:
+        """Read the workers' events on this loop; the schedulers' stand-ins, by model."""
+        schedulers = {}
+        for w in self.workers:
+            w.attach(loop)
+            for name in w.models:
+                schedulers[name] = RemoteScheduler(w, name, metrics.model(name), max_unsent)
+                w.metrics[name] = schedulers[name].metrics
+        return schedulers
+
+    def stop(self, exc: BaseException) -> None:
+        """Stop every worker; streams still inside end with exc (the workers' own stop does that)."""
+        for w in self.workers:
+            w.stop(exc)
+
+    def close(self) -> None:
+        """Kill the workers at once (a failed start)."""
+        for w in self.workers:
+            w.kill()
+
+
+class _WorkerHandle:
+    """One worker process, seen from the front end: its pipe, the streams it holds, its models' metrics."""
+
+    def __init__(self, ctx, index: int, paths: list[Path], backend: str, providers, threads: int, settings: dict):
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker_main, name=f"charrnn-worker-{index}", daemon=True,
+                                   args=(child, paths, backend, providers, threads, settings))
+        self.process.start()
+        child.close()
+        self.models: list[str] = []
+        self.streams: dict[int, Stream] = {}
+        self.metrics: dict[str, ModelMetrics] = {}
+        self.dead: str | None = None  # why, once the process has gone
+        self._loop = None
+
+    def wait_ready(self) -> dict[str, ModelCard]:
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            self.process.join(5)
+            raise BackendError(f"{self.process.name} exited (code {self.process.exitcode}) while opening its "
+                               "models; its log is above") from None
+        if msg[0] == "error":
+            raise BackendError(msg[1])
+        self.models = list(msg[1])
+        return msg[1]
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        loop.add_reader(self.conn.fileno(), self._read)
+
+    def send(self, msg: tuple) -> None:
+        if self.dead:
+            raise Unavailable(self.dead)
+        try:
+            self.conn.send(msg)
+        except OSError:
+            self._died()
+            raise Unavailable(self.dead) from None
+
+    def _read(self) -> None:
+        try:
+            while self.conn.poll():
+                self._handle(self.conn.recv())
+        except (EOFError, OSError):
+            self._died()
+
+    def _handle(self, msg: tuple) -> None:
+        _, events, snapshots = msg
+        for name, snapshot in snapshots.items():
+            self.metrics[name].load(snapshot)
+        for sid, event, final in events:
+            stream = self.streams.pop(sid, None) if final else self.streams.get(sid)
+            if stream is None:  # cancelled meanwhile
+                continue
+            if final:
+                (stream.state, stream.pending), stream.done = final, True
+            stream.queue.put_nowait(event)
+
+    def _died(self) -> None:
+        if self.dead:
+            return
+        self.process.join(1)
+        self.dead = f"the worker process running model(s) {', '.join(self.models)} exited " \
+                    f"(code {self.process.exitcode})"
+        log.error("%s; ending its %d stream(s)", self.dead, len(self.streams))
+        self._detach()
+        for stream in self.streams.values():
+            stream.done = True
+            stream.queue.put_nowait(Unavailable(self.dead))
+        self.streams.clear()
+
+    def _detach(self) -> None:
+        if self._loop is not None and not self.conn.closed:
+            self._loop.remove_reader(self.conn.fileno())
+            self._loop = None
+
+    def stop(self, exc: BaseException) -> None:
+        if self.dead:
+            return
+        self._detach()
+        try:
+            self.conn.send(("stop",))
+            deadline = time.monotonic() + STOP_TIMEOUT_S
+            while time.monotonic() < deadline:  # take the events of streams ended by the stop
+                if self.conn.poll(0.05):
+                    self._handle(self.conn.recv())
+        except (EOFError, OSError):
+            pass  # the worker has exited
+        self.dead = "the server stopped"
+        self.kill(wait=1.0)
+        for stream in self.streams.values():
+            stream.queue.put_nowait(exc)
+        self.streams.clear()
+
+    def kill(self, wait: float = 0.0) -> None:
+        self.process.join(wait)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+
+
+class RemoteScheduler:
+    """A model's scheduler in a worker, seen from the engine: `submit`, `ack`, `cancel` as on `Scheduler`."""
+
+    _ids = itertools.count()
+
+    def __init__(self, worker: _WorkerHandle, model: str, metrics: ModelMetrics, max_unsent: int):
+        self.worker, self.model, self.metrics = worker, model, metrics
+        # acks go every few events; the worker's count lags by less than a quarter of max_unsent, so a
+        # paused stream always resumes (Scheduler resumes at half)
+        self.ack_every = max(1, max_unsent // 4)
+
+    def submit(self, stream: Stream) -> None:
+        stream.sid = next(self._ids)
+        self.worker.send(("submit", self.model, stream.sid, stream))
+        self.worker.streams[stream.sid] = stream
+
+    def ack(self, stream: Stream) -> None:
+        stream.consumed += 1
+        if stream.consumed % self.ack_every == 0 and not stream.done and not self.worker.dead:
+            self.worker.send(("ack", stream.sid, stream.consumed))
+
+    def cancel(self, stream: Stream) -> None:
+        if self.worker.streams.pop(getattr(stream, "sid", None), None) is not None and not self.worker.dead:
+            self.worker.send(("cancel", stream.sid))

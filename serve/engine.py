@@ -55,11 +55,11 @@ class Engine:
 
     # lifecycle
 
-    def start(self) -> None:
-        """Start one scheduler per model; call on the event loop that will serve requests."""
+    async def start(self) -> None:
+        """Start one scheduler per model (or attach to the workers'), on the loop that will serve requests."""
         self._loop = asyncio.get_running_loop()
         if self.pool:
-            self.schedulers = self.pool.start(self._loop, self.metrics, self.cfg.max_unsent)
+            self.schedulers = await self.pool.start(self.metrics, self.cfg.max_unsent)
             return
         for mid, rt in self.served.items():
             self.schedulers[mid] = Scheduler(rt, self._deliver, metrics=self.metrics.model(mid),
@@ -73,10 +73,10 @@ class Engine:
         """Until no request is in flight."""
         await self._idle.wait()
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         exc = Unavailable("the server stopped")
         if self.pool:
-            self.pool.stop(exc)
+            await self.pool.stop(exc)
             return
         for scheduler in self.schedulers.values():
             scheduler.stop(exc)

@@ -201,7 +201,7 @@ class Server:
             if self.engine.pool:
                 self.engine.pool.close()
             raise StartError(f"cannot listen on {address} (metrics port {self.cfg.metrics_port}): {e}") from None
-        self.engine.start()
+        await self.engine.start()
         await server.start()
         for name in ["", SERVICE, *self.models]:  # overall, the service, and each model by id
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -223,7 +223,7 @@ class Server:
         if self.engine.in_flight:
             log.warning("cancelling %d request(s) still in flight", self.engine.in_flight)
         await self._grpc.stop(0)
-        self.engine.stop()
+        await self.engine.stop()
         self.metrics.close()
         log.info("stopped after %.2f s", time.monotonic() - t0)
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 import numpy as np
 
 from serve.scheduler import Stream
-from serve.types import Chunk, FinishReason, GenerateRequest, GenerateStats, Prediction, SessionState
+from serve.types import (
+    Chunk,
+    FinishReason,
+    GenerateRequest,
+    GenerateStats,
+    Prediction,
+    SessionState,
+)
 from train.sampling import sample_many
 from train.vocab import Vocab
 

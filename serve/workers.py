@@ -4,8 +4,8 @@ the models' steps stop taking turns on one interpreter lock.
 `--workers N` (default 1) spreads the models over N worker processes (spawned, not forked: gRPC's and
 onnxruntime's threads do not survive a fork). A worker opens its models' runtimes and runs one
 `Scheduler` thread per model, exactly as the server process itself does with `--workers 0`. The front
-end (serve.engine) keeps requests, sessions and limits; a worker keeps the streams it steps. One pipe
-per worker carries pickled messages between our own two processes:
+end (serve.engine) keeps requests, sessions and limits; a worker keeps the streams it steps. One socket
+pair per worker carries length-prefixed pickled messages between our own two processes:
 
     front -> worker  ("submit", model, sid, stream)   the stream with its tokens, state and request
                      ("ack", sid, consumed)           every few events taken (backpressure, see Scheduler)
@@ -14,8 +14,9 @@ per worker carries pickled messages between our own two processes:
                      ("events", [(sid, event, final)], {model: metrics snapshot}), one per step with events;
                      final = (state, pending) once the stream has ended, else None
 
-A worker that dies (killed, crashed) ends its streams with UNAVAILABLE and refuses its models' new
-requests the same way; the other workers' models carry on.
+The front end reads with an asyncio protocol (one read takes every message waiting) and writes through
+its transport (never blocking the loop). A worker that dies (killed, crashed) ends its streams with
+UNAVAILABLE and its models' new requests get the same; the other workers' models carry on.
 """
 from __future__ import annotations
 
@@ -24,7 +25,10 @@ import functools
 import itertools
 import logging
 import multiprocessing
+import pickle
 import signal
+import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from serve.backends import BackendError, find_models, open_runtimes, resolve_pro
 from serve.errors import ServeError, Unavailable
 from serve.metrics import ModelMetrics
 from serve.scheduler import Scheduler, Stream
+from serve.types import Chunk
 from train.vocab import Vocab, VocabError
 
 log = logging.getLogger(__name__)
@@ -59,26 +64,49 @@ class ModelCard:
         return cls(rt.model_id, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab, rt.backend)
 
 
+# messages: a 4-byte length, then the pickled tuple
+
+_HEADER = struct.Struct("!I")
+
+
+def _frame(msg: tuple) -> bytes:
+    data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+def _read_message(f) -> tuple:
+    """The next message from a blocking binary file; EOFError once the other end has closed."""
+    header = f.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError
+    (n,) = _HEADER.unpack(header)
+    data = f.read(n)
+    if len(data) < n:
+        raise EOFError
+    return pickle.loads(data)
+
+
 # the worker process
 
-def _worker_main(conn, paths: list[Path], backend: str, providers, threads: int, settings: dict) -> None:
+def _worker_main(sock: socket.socket, paths: list[Path], backend: str, providers, threads: int,
+                 settings: dict) -> None:
     # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server drains its streams
-    # and then stops the workers, which otherwise leave only when the server's end of the pipe closes.
+    # and then stops the workers, which otherwise leave only when the server's end of the socket closes.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     try:
         runtimes = open_runtimes(paths, backend, providers, threads)
     except BackendError as e:
-        conn.send(("error", str(e)))
+        sock.sendall(_frame(("error", str(e))))
         return
-    conn.send(("ready", {name: ModelCard.of(rt) for name, rt in runtimes.items()}))
-    _Worker(conn, runtimes, settings).serve()
+    sock.sendall(_frame(("ready", {name: ModelCard.of(rt) for name, rt in runtimes.items()})))
+    _Worker(sock, runtimes, settings).serve()
 
 
 class _Worker:
-    def __init__(self, conn, runtimes: dict[str, Runtime], settings: dict):
-        self.conn, self._send_lock = conn, threading.Lock()
+    def __init__(self, sock: socket.socket, runtimes: dict[str, Runtime], settings: dict):
+        self.sock, self._send_lock = sock, threading.Lock()
         self.streams: dict[int, tuple[Stream, Scheduler]] = {}
         self.metrics = {name: ModelMetrics() for name in runtimes}
         self._snapshot_at = dict.fromkeys(runtimes, 0.0)
@@ -87,9 +115,10 @@ class _Worker:
 
     def serve(self) -> None:
         """Carry out the front end's messages until "stop" (or until the front end is gone)."""
+        f = self.sock.makefile("rb")
         while True:
             try:
-                msg = self.conn.recv()
+                msg = _read_message(f)
             except (EOFError, OSError):
                 msg = ("stop",)
             kind = msg[0]
@@ -112,13 +141,16 @@ class _Worker:
                 return
 
     def deliver(self, model: str, events: list) -> None:
-        """A scheduler's events of one step, on their way to the front end (called on that scheduler's thread)."""
+        """A scheduler's events of one step, on their way to the front end (called on that scheduler's thread).
+        A chunk that does not end its stream goes as its bare text: pickling 64 dataclasses costs 10x more."""
         out, ended = [], False
         for stream, event in events:
             final = None
             if stream.done or isinstance(event, BaseException):
                 final, ended = (stream.state, getattr(stream, "pending", None)), True
                 self.streams.pop(stream.sid, None)
+            elif type(event) is Chunk:
+                event = event.text
             if isinstance(event, BaseException) and not isinstance(event, (ServeError, VocabError)):
                 event = RuntimeError(f"{type(event).__name__}: {event}")  # library exceptions may not pickle
             out.append((stream.sid, event, final))
@@ -129,7 +161,7 @@ class _Worker:
             snapshots[model] = self.metrics[model].snapshot()
         try:
             with self._send_lock:
-                self.conn.send(("events", out, snapshots))
+                self.sock.sendall(_frame(("events", out, snapshots)))
         except OSError:  # the front end is gone; serve() sees it too and stops
             pass
 
@@ -156,20 +188,19 @@ class WorkerPool:
             self.close()
             raise
 
-    def start(self, loop: asyncio.AbstractEventLoop, metrics, max_unsent: int) -> dict[str, "RemoteScheduler"]:
-        """Read the workers' events on this loop; the schedulers' stand-ins, by model."""
+    async def start(self, metrics, max_unsent: int) -> dict[str, RemoteScheduler]:
+        """Read the workers' events on the running loop; the schedulers' stand-ins, by model."""
         schedulers = {}
         for w in self.workers:
-            w.attach(loop)
+            await w.attach()
             for name in w.models:
                 schedulers[name] = RemoteScheduler(w, name, metrics.model(name), max_unsent)
                 w.metrics[name] = schedulers[name].metrics
         return schedulers
 
-    def stop(self, exc: BaseException) -> None:
+    async def stop(self, exc: BaseException) -> None:
         """Stop every worker; streams still inside end with exc (the workers' own stop does that)."""
-        for w in self.workers:
-            w.stop(exc)
+        await asyncio.gather(*(w.stop(exc) for w in self.workers))
 
     def close(self) -> None:
         """Kill the workers at once (a failed start)."""
@@ -177,11 +208,11 @@ class WorkerPool:
             w.kill()
 
 
-class _WorkerHandle:
-    """One worker process, seen from the front end: its pipe, the streams it holds, its models' metrics."""
+class _WorkerHandle(asyncio.Protocol):
+    """One worker process, seen from the front end: its socket, the streams it holds, its models' metrics."""
 
     def __init__(self, ctx, index: int, paths: list[Path], backend: str, providers, threads: int, settings: dict):
-        self.conn, child = ctx.Pipe()
+        self.sock, child = socket.socketpair()
         self.process = ctx.Process(target=_worker_main, name=f"charrnn-worker-{index}", daemon=True,
                                    args=(child, paths, backend, providers, threads, settings))
         self.process.start()
@@ -190,11 +221,15 @@ class _WorkerHandle:
         self.streams: dict[int, Stream] = {}
         self.metrics: dict[str, ModelMetrics] = {}
         self.dead: str | None = None  # why, once the process has gone
-        self._loop = None
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._lost: asyncio.Event | None = None  # set when the socket closes
+        self._stopping = False
 
     def wait_ready(self) -> dict[str, ModelCard]:
         try:
-            msg = self.conn.recv()
+            with self.sock.makefile("rb", buffering=0) as f:  # unbuffered: later bytes stay for the loop
+                msg = _read_message(f)
         except EOFError:
             self.process.join(5)
             raise BackendError(f"{self.process.name} exited (code {self.process.exitcode}) while opening its "
@@ -204,24 +239,35 @@ class _WorkerHandle:
         self.models = list(msg[1])
         return msg[1]
 
-    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        loop.add_reader(self.conn.fileno(), self._read)
+    async def attach(self) -> None:
+        self._lost = asyncio.Event()  # on the running loop
+        await asyncio.get_running_loop().create_connection(lambda: self, sock=self.sock)
 
     def send(self, msg: tuple) -> None:
         if self.dead:
             raise Unavailable(self.dead)
-        try:
-            self.conn.send(msg)
-        except OSError:
-            self._died()
-            raise Unavailable(self.dead) from None
+        self._transport.write(_frame(msg))  # buffered by the transport: never blocks the loop
 
-    def _read(self) -> None:
-        try:
-            while self.conn.poll():
-                self._handle(self.conn.recv())
-        except (EOFError, OSError):
+    # asyncio.Protocol
+
+    def connection_made(self, transport) -> None:
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        start, size = 0, _HEADER.size
+        while len(buf) - start >= size:
+            (n,) = _HEADER.unpack_from(buf, start)
+            if len(buf) - start - size < n:
+                break
+            self._handle(pickle.loads(memoryview(buf)[start + size:start + size + n]))
+            start += size + n
+        del buf[:start]
+
+    def connection_lost(self, exc) -> None:
+        self._lost.set()
+        if not self._stopping:
             self._died()
 
     def _handle(self, msg: tuple) -> None:
@@ -234,50 +280,42 @@ class _WorkerHandle:
                 continue
             if final:
                 (stream.state, stream.pending), stream.done = final, True
-            stream.queue.put_nowait(event)
+            stream.queue.put_nowait(Chunk(event) if type(event) is str else event)
 
-    def _died(self) -> None:
+    def _died(self, exc: BaseException | None = None) -> None:
+        """End the streams still here: with exc, or UNAVAILABLE because the process has gone."""
         if self.dead:
             return
         self.process.join(1)
-        self.dead = f"the worker process running model(s) {', '.join(self.models)} exited " \
-                    f"(code {self.process.exitcode})"
-        log.error("%s; ending its %d stream(s)", self.dead, len(self.streams))
-        self._detach()
+        self.dead = str(exc) if exc else (f"the worker process running model(s) {', '.join(self.models)} "
+                                          f"exited (code {self.process.exitcode})")
+        if exc is None:
+            log.error("%s; ending its %d stream(s)", self.dead, len(self.streams))
         for stream in self.streams.values():
             stream.done = True
-            stream.queue.put_nowait(Unavailable(self.dead))
+            stream.queue.put_nowait(exc or Unavailable(self.dead))
         self.streams.clear()
 
-    def _detach(self) -> None:
-        if self._loop is not None and not self.conn.closed:
-            self._loop.remove_reader(self.conn.fileno())
-            self._loop = None
-
-    def stop(self, exc: BaseException) -> None:
-        if self.dead:
-            return
-        self._detach()
-        try:
-            self.conn.send(("stop",))
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while time.monotonic() < deadline:  # take the events of streams ended by the stop
-                if self.conn.poll(0.05):
-                    self._handle(self.conn.recv())
-        except (EOFError, OSError):
-            pass  # the worker has exited
-        self.dead = "the server stopped"
+    async def stop(self, exc: BaseException) -> None:
+        if not self.dead:
+            self._stopping = True
+            self.send(("stop",))  # the worker ends its streams (their events still arrive), then exits
+            try:
+                await asyncio.wait_for(self._lost.wait(), STOP_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                log.warning("%s did not stop within %.0f s; killing it", self.process.name, STOP_TIMEOUT_S)
+            self._died(exc)
         self.kill(wait=1.0)
-        for stream in self.streams.values():
-            stream.queue.put_nowait(exc)
-        self.streams.clear()
 
     def kill(self, wait: float = 0.0) -> None:
         self.process.join(wait)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
-        self.conn.close()
+        if self._transport is not None:
+            self._transport.close()
+        else:
+            self.sock.close()
 
 
 class RemoteScheduler:

@@ -68,9 +68,12 @@ def reference(eager, model, prompt, n, temperature=0.0, top_k=0, top_p=1.0, seed
     return generate(ck.model, ck.vocab, prompt, n, temperature, top_k, top_p, seed)
 
 
-@pytest.fixture(scope="module")
-def server(models_dir):
-    with BackgroundServer(ServerConfig(models=models_dir, port=0, metrics_port=0, max_chars=2000)) as bg:
+@pytest.fixture(scope="module", params=[1, 0], ids=["worker-process", "threads"])
+def server(models_dir, request):
+    """The protocol tests run against both homes of the schedulers: a worker process (the default) and
+    threads of the server's own process (--workers 0)."""
+    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_chars=2000, workers=request.param)
+    with BackgroundServer(cfg) as bg:
         yield bg
 
 
@@ -427,7 +430,7 @@ class CountingRuntime(TorchRuntime):
 def test_continuous_batching_steps_all_streams_together(models_dir, eager):
     model = model_name("lstm")
     rt = CountingRuntime(models_dir / model)
-    cfg = ServerConfig(models=models_dir, port=0, max_batch=8, prefill_chunk=16)
+    cfg = ServerConfig(models=models_dir, port=0, max_batch=8, prefill_chunk=16, workers=0)
     with BackgroundServer(cfg, {model: rt}) as bg:
         stub = api.stub(bg.target)
         jobs = [dict(model=model, prompt=TEXT[i:i + 5], max_chars=40 + i, temperature=1.0, seed=i) for i in range(12)]
@@ -468,3 +471,38 @@ def test_session_cache_ttl_lru_and_busy():
     assert cache.checkout("c", "m") == (None, SessionState.EXPIRED)
     with pytest.raises(NotFound, match="expired"):
         cache.checkout("b", "m", required=True)
+
+
+# worker processes
+
+
+def test_a_dead_worker_ends_its_streams_and_the_others_carry_on(models_dir, eager):
+    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG, workers=2)  # gru, rnn | lstm
+    with BackgroundServer(cfg) as bg:
+        stub = api.stub(bg.target)
+        lstm, gru = model_name("lstm"), model_name("gru")
+        workers = {m: bg.server.engine.schedulers[m].worker.process for m in (lstm, gru)}
+        assert workers[lstm].pid != workers[gru].pid
+        call = stub.Generate(api.generate_request(lstm, "the ", BIG), timeout=60)
+        next(call)  # streaming
+        workers[lstm].kill()
+        with pytest.raises(grpc.RpcError) as e:
+            list(call)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "exited" in e.value.details()
+        assert code_of(lambda: run(stub, model=lstm, prompt="the ", max_chars=5)) == grpc.StatusCode.UNAVAILABLE
+        assert run(stub, model=gru, prompt="the ", max_chars=60)[0] == reference(eager, gru, "the ", 60)
+        assert len(api.list_models(stub)) == len(CELLS)
+    assert not workers[gru].is_alive()  # stopped with the server
+
+
+def test_a_stopping_server_ends_streams_and_its_workers(models_dir):
+    bg = BackgroundServer(ServerConfig(models=models_dir, port=0, max_chars=BIG))
+    stub = api.stub(bg.target)
+    worker = bg.server.engine.schedulers[model_name("rnn")].worker.process
+    call = stub.Generate(api.generate_request(model_name("rnn"), "the ", BIG), timeout=60)
+    next(call)
+    bg.stop(grace_s=0.0)
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    assert not worker.is_alive() and worker.exitcode == 0

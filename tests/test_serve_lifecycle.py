@@ -95,6 +95,8 @@ def test_unservable_model_directories_are_clear_errors(tmp_path, caplog):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(BackendError, match="unreadable JSON"):
         load_runtimes(tmp_path / "broken", "torch")
+    with pytest.raises(BackendError, match="unreadable JSON"):  # the same, said by a worker process
+        BackgroundServer(ServerConfig(models=tmp_path / "broken", port=0, workers=1))
 
 
 def test_tensorrt_backend_without_tensorrt_says_so(tmp_path):

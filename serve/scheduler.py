@@ -212,19 +212,23 @@ class Scheduler:
         if self.metrics:
             self.metrics.batch_size.observe(len(batch))
         now = time.perf_counter()
-        by_class = defaultdict(list)
-        for i, s in enumerate(batch):
-            by_class[type(s)].append(i)
-        advanced = {}
-        for cls, rows in by_class.items():
-            advanced.update(zip(rows, cls.advance_rows([batch[i] for i in rows], logits[rows], now)))
+        classes = {type(s) for s in batch}
+        if len(classes) == 1:  # the usual case: no regrouping
+            advanced = classes.pop().advance_rows(batch, logits, now)
+        else:
+            by_class = defaultdict(list)
+            for i, s in enumerate(batch):
+                by_class[type(s)].append(i)
+            advanced = [None] * len(batch)
+            for cls, rows in by_class.items():
+                for i, event in zip(rows, cls.advance_rows([batch[i] for i in rows], logits[rows], now)):
+                    advanced[i] = event
         keep = []
-        for i, s in enumerate(batch):
-            event = advanced[i]
+        for i, (s, event) in enumerate(zip(batch, advanced)):
             if event is not None:
                 s.produced += 1
                 events.append((s, event))
-            if s.done or s.unsent >= self.max_unsent:
+            if s.done or s.produced - s.consumed >= self.max_unsent:
                 s.state = self.runtime.take(self._state, [i])
                 if not s.done:
                     s.paused = True  # before the events go out: see ack

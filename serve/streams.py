@@ -16,7 +16,7 @@ from serve.types import (
     Prediction,
     SessionState,
 )
-from train.sampling import sample_many
+from train.sampling import Uniforms, sample_many
 from train.vocab import Vocab
 
 
@@ -29,7 +29,7 @@ class GenerationStream(Stream):
                  arrived: float, metrics=None):
         super().__init__(tokens, state)
         self.req, self.vocab, self.session, self.metrics = req, vocab, session, metrics
-        self.rng = np.random.default_rng(req.seed)
+        self.rng = Uniforms(req.seed)
         self.longest_stop = max(map(len, req.stop), default=0)
         self.arrived = arrived  # time.perf_counter() when the request came in
         self.first = self.last = arrived
@@ -44,10 +44,12 @@ class GenerationStream(Stream):
         reqs = [s.req for s in streams]
         tokens = sample_many(logits, [r.temperature for r in reqs], [r.top_k for r in reqs],
                              [r.top_p for r in reqs], [s.rng for s in streams])
-        return [s.accept(int(t), now) for s, t in zip(streams, tokens)]
+        column = tokens.reshape(-1, 1)  # row i, a (1,) view, is stream i's next input: no array per stream
+        return [s.accept(t, now, column[i]) for i, (s, t) in enumerate(zip(streams, tokens.tolist()))]
 
-    def accept(self, token: int, now: float):
-        """The sampled next character: count it, check stops and length, and maybe emit a chunk."""
+    def accept(self, token: int, now: float, as_input: np.ndarray | None = None):
+        """The sampled next character: count it, check stops and length, and maybe emit a chunk.
+        as_input: the token as a (1,) int64 array, when the caller has one."""
         r = self.req
         ch = self.vocab.chars[token]
         if self.generated:
@@ -60,19 +62,17 @@ class GenerationStream(Stream):
         self.last = now
         self.generated += 1
         self.buf.append(ch)
-        stop = self._match_stop(ch)
+        stop = self._match_stop(ch) if self.longest_stop else None
         if stop is not None or self.generated >= r.max_chars:
             self.done = True
             self.pending = np.array([token], np.int64)
             return self._flush(FinishReason.STOP if stop is not None else FinishReason.LENGTH, stop or "")
-        self.tokens = np.array([token], np.int64)
+        self.tokens = np.array([token], np.int64) if as_input is None else as_input
         if len(self.buf) >= r.chunk_chars:
             return self._flush()
         return None
 
     def _match_stop(self, ch: str) -> str | None:
-        if not self.longest_stop:
-            return None
         self.tail = (self.tail + ch)[-self.longest_stop:]
         return next((s for s in self.req.stop if self.tail.endswith(s)), None)
 

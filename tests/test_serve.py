@@ -174,12 +174,19 @@ def test_32_concurrent_streams_all_correct(server, eager):
         prompt = TEXT[i % 20: i % 20 + 1 + i % 7]
         sampling = dict(temperature=0.8, top_k=0, top_p=0.9, seed=100 + i) if i % 2 else {}
         jobs.append(dict(model=model, prompt=prompt, max_chars=60 + 5 * i, chunk_chars=1 + i % 4, **sampling))
-    with ThreadPoolExecutor(32) as pool:
-        results = list(pool.map(lambda kw: run(stub, **kw), jobs))
+    model = model_name("lstm")
+    alone = api.predict(stub, model, "the lazy ", top_k=3)
+    with ThreadPoolExecutor(40) as pool:
+        results = pool.map(lambda kw: run(stub, **kw), jobs)
+        predictions = pool.map(lambda _: api.predict(stub, model, "the lazy ", top_k=3), range(8))  # in the same steps
+        results, predictions = list(results), list(predictions)
     for kw, (text, _, last) in zip(jobs, results):
         sampling = {k: kw[k] for k in ("temperature", "top_k", "top_p", "seed") if k in kw}
         assert text == reference(eager, kw["model"], kw["prompt"], kw["max_chars"], **sampling), kw
         assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    for got in predictions:  # batched with other rows: the same up to float rounding
+        assert [c for c, _ in got] == [c for c, _ in alone]
+        np.testing.assert_allclose([q for _, q in got], [q for _, q in alone], rtol=1e-5)
 
 
 def test_seeded_sampling_reproducible_under_load(server):

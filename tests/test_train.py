@@ -306,3 +306,15 @@ def test_batched_sampler_draws_what_the_single_sampler_draws():
         rows = rng.permutation(B)[:7]  # the same streams in another batch
         sub = sample_many(logits[rows], temps[rows], ks[rows], ps[rows], [np.random.default_rng(seeds[i]) for i in rows])
         assert sub.tolist() == [single[i] for i in rows]
+
+
+def test_block_drawn_uniforms_are_the_generators_own():
+    import numpy as np
+
+    from train.sampling import Uniforms
+
+    u, g = Uniforms(11, block=7), np.random.default_rng(11)
+    assert [u.random() for _ in range(30)] == [g.random() for _ in range(30)]  # across block boundaries
+    logits = np.random.default_rng(0).normal(size=65).astype(np.float32) * 3
+    u, g = Uniforms(5), np.random.default_rng(5)
+    assert [sample(logits, 1.0, 0, 0.9, u) for _ in range(50)] == [sample(logits, 1.0, 0, 0.9, g) for _ in range(50)]

@@ -12,8 +12,22 @@ from train.model import CharRNN
 from train.vocab import Vocab
 
 
+class Uniforms:
+    """`random()` of a numpy Generator, drawn `block` at a time: the same numbers in the same order (a
+    test checks), for ~0.1 us a call instead of ~0.7 us. For a generator used for nothing else."""
+
+    def __init__(self, seed=None, block: int = 256):
+        self.rng, self.block = np.random.default_rng(seed), block
+        self._left: list[float] = []  # the current block, reversed: pop() takes the next draw
+
+    def random(self) -> float:
+        if not self._left:
+            self._left = self.rng.random(self.block).tolist()[::-1]
+        return self._left.pop()
+
+
 def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-           rng: np.random.Generator | None = None) -> int:
+           rng: np.random.Generator | Uniforms | None = None) -> int:
     """One next-token id from logits (V,). temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.
 
     The same arithmetic as `sample_many` on one row (a test checks they agree draw for draw), without
@@ -54,7 +68,7 @@ def sample_many(logits: np.ndarray, temperature, top_k, top_p, rngs) -> np.ndarr
     rows = np.flatnonzero(t > 0)
     if rows.size == 0:
         return out
-    z = logits[rows].astype(np.float64) / t[rows, None]  # (R, V)
+    z = (logits if rows.size == B else logits[rows]).astype(np.float64) / t[rows, None]  # (R, V)
     k = np.asarray(top_k, np.int64)[rows]
     cut = (k > 0) & (k < V)
     if cut.any():
@@ -77,7 +91,7 @@ def sample_many(logits: np.ndarray, temperature, top_k, top_p, rngs) -> np.ndarr
         p[nucleus] = q
     # inverse-CDF draw, as Generator.choice(p=...) does, without its per-call validation
     cdf = np.cumsum(p, axis=1)
-    u = np.array([rngs[i].random() for i in rows]) * cdf[:, -1]
+    u = np.array([rngs[i].random() for i in rows.tolist()]) * cdf[:, -1]
     out[rows] = np.minimum((cdf <= u[:, None]).sum(axis=1), V - 1)
     return out
 

@@ -14,13 +14,13 @@ import torch
 
 from train import corpus
 from train.checkpoint import CheckpointError, load_checkpoint
-from train.grid import PRESETS, grid_id
+from train.grid import PRESETS
 from train.model import CharRNN, ModelConfig, count_parameters
 from train.sampling import generate, generate_refeed, sample
 from train.trainer import Job, TrainConfig, Trainer, train_one
 from train.vocab import Vocab, VocabError
 
-from conftest import DATA_DIR, ROOT
+from conftest import ROOT
 
 SEED = ROOT.parent / "shared" / "seed"
 

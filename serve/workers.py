@@ -222,6 +222,7 @@ class _WorkerHandle(asyncio.Protocol):
         self.metrics: dict[str, ModelMetrics] = {}
         self.dead: str | None = None  # why, once the process has gone
         self._transport: asyncio.Transport | None = None
+        self._outgoing: list[bytes] = []  # frames waiting for the end of this turn of the loop
         self._buf = bytearray()
         self._lost: asyncio.Event | None = None  # set when the socket closes
         self._stopping = False
@@ -244,9 +245,17 @@ class _WorkerHandle(asyncio.Protocol):
         await asyncio.get_running_loop().create_connection(lambda: self, sock=self.sock)
 
     def send(self, msg: tuple) -> None:
+        """Queue a message; those of one turn of the loop go out in one write (acks come in bursts)."""
         if self.dead:
             raise Unavailable(self.dead)
-        self._transport.write(_frame(msg))  # buffered by the transport: never blocks the loop
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(_frame(msg))
+
+    def _flush(self) -> None:
+        data, self._outgoing = b"".join(self._outgoing), []
+        if not self._transport.is_closing():
+            self._transport.write(data)  # buffered by the transport: never blocks the loop
 
     # asyncio.Protocol
 

@@ -10,7 +10,7 @@ import math
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, contextmanager
 
 import numpy as np
@@ -22,14 +22,7 @@ from serve.metrics import Metrics
 from serve.scheduler import Scheduler, Stream
 from serve.sessions import Session, SessionCache
 from serve.streams import GenerationStream, PredictionJob
-from serve.types import (
-    Chunk,
-    GenerateRequest,
-    ModelInfo,
-    Prediction,
-    PredictRequest,
-    SessionState,
-)
+from serve.types import Chunk, GenerateRequest, ModelInfo, Prediction, PredictRequest, SessionState
 from serve.workers import ModelCard, RemoteScheduler, WorkerPool
 
 PREDICT_TOP_K = 5  # Predict's top_k when the request leaves it 0
@@ -55,11 +48,12 @@ class Engine:
 
     # lifecycle
 
-    async def start(self) -> None:
-        """Start one scheduler per model (or attach to the workers'), on the loop that will serve requests."""
+    async def start(self, lost: Callable[[list[str]], None] | None = None) -> None:
+        """Start one scheduler per model (or attach to the workers'), on the loop that will serve requests.
+        lost(models) is called when a worker process dies, with the models it ran."""
         self._loop = asyncio.get_running_loop()
         if self.pool:
-            self.schedulers = await self.pool.start(self.metrics, self.cfg.max_unsent)
+            self.schedulers = await self.pool.start(self.metrics, self.cfg.max_unsent, lost)
             return
         for mid, rt in self.served.items():
             self.schedulers[mid] = Scheduler(rt, self._deliver, metrics=self.metrics.model(mid),

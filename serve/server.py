@@ -22,15 +22,7 @@ from serve.config import ServerConfig, parse_args
 from serve.engine import Engine
 from serve.errors import status_code
 from serve.metrics import Metrics
-from serve.types import (
-    Chunk,
-    FinishReason,
-    GenerateRequest,
-    ModelInfo,
-    Prediction,
-    PredictRequest,
-    SessionState,
-)
+from serve.types import Chunk, FinishReason, GenerateRequest, ModelInfo, Prediction, PredictRequest, SessionState
 from serve.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -183,6 +175,7 @@ class Server:
         self.port = self.metrics_port = None
         self._grpc: grpc.aio.Server | None = None
         self._hurry = asyncio.Event()
+        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> "Server":
         # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it
@@ -201,7 +194,7 @@ class Server:
             if self.engine.pool:
                 self.engine.pool.close()
             raise StartError(f"cannot listen on {address} (metrics port {self.cfg.metrics_port}): {e}") from None
-        await self.engine.start()
+        await self.engine.start(self._models_lost)
         await server.start()
         for name in ["", SERVICE, *self.models]:  # overall, the service, and each model by id
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -226,6 +219,13 @@ class Server:
         await self.engine.stop()
         self.metrics.close()
         log.info("stopped after %.2f s", time.monotonic() - t0)
+
+    def _models_lost(self, names: list[str]) -> None:
+        """Their worker process has gone: health says so for each (the other models keep serving)."""
+        for name in names:
+            task = asyncio.ensure_future(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+            self._tasks.add(task)  # the loop keeps only weak references to tasks
+            task.add_done_callback(self._tasks.discard)
 
     def hurry(self) -> None:
         """Cut a drain's grace period short."""

@@ -188,10 +188,12 @@ class WorkerPool:
             self.close()
             raise
 
-    async def start(self, metrics, max_unsent: int) -> dict[str, RemoteScheduler]:
-        """Read the workers' events on the running loop; the schedulers' stand-ins, by model."""
+    async def start(self, metrics, max_unsent: int, lost=None) -> dict[str, RemoteScheduler]:
+        """Read the workers' events on the running loop; the schedulers' stand-ins, by model. lost(models)
+        is called when a worker dies."""
         schedulers = {}
         for w in self.workers:
+            w.lost = lost
             await w.attach()
             for name in w.models:
                 schedulers[name] = RemoteScheduler(w, name, metrics.model(name), max_unsent)
@@ -221,6 +223,7 @@ class _WorkerHandle(asyncio.Protocol):
         self.streams: dict[int, Stream] = {}
         self.metrics: dict[str, ModelMetrics] = {}
         self.dead: str | None = None  # why, once the process has gone
+        self.lost = None  # called with self.models if the process dies
         self._transport: asyncio.Transport | None = None
         self._outgoing: list[bytes] = []  # frames waiting for the end of this turn of the loop
         self._buf = bytearray()
@@ -300,6 +303,8 @@ class _WorkerHandle(asyncio.Protocol):
                                           f"exited (code {self.process.exitcode})")
         if exc is None:
             log.error("%s; ending its %d stream(s)", self.dead, len(self.streams))
+            if self.lost:
+                self.lost(self.models)
         for stream in self.streams.values():
             stream.done = True
             stream.queue.put_nowait(exc or Unavailable(self.dead))

@@ -499,6 +499,10 @@ def test_a_dead_worker_ends_its_streams_and_the_others_carry_on(models_dir, eage
         assert code_of(lambda: run(stub, model=lstm, prompt="the ", max_chars=5)) == grpc.StatusCode.UNAVAILABLE
         assert run(stub, model=gru, prompt="the ", max_chars=60)[0] == reference(eager, gru, "the ", 60)
         assert len(api.list_models(stub)) == len(CELLS)
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(bg.target))
+        status = {m: health.Check(health_pb2.HealthCheckRequest(service=m), timeout=5).status for m in ("", lstm, gru)}
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        assert status == {"": serving, lstm: not_serving, gru: serving}
     assert not workers[gru].is_alive()  # stopped with the server
 
 

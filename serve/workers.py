@@ -129,12 +129,12 @@ class _Worker:
                 scheduler = self.schedulers[model]
                 self.streams[sid] = (stream, scheduler)
                 scheduler.submit(stream)
-            elif kind in ("ack", "cancel") and msg[1] in self.streams:
+            elif kind == "ack" and msg[1] in self.streams:
                 stream, scheduler = self.streams[msg[1]]
-                if kind == "ack":
-                    scheduler.ack(stream, msg[2] - stream.consumed)
-                else:
-                    scheduler.cancel(stream)
+                scheduler.ack(stream, msg[2] - stream.consumed)
+            elif kind == "cancel" and msg[1] in self.streams:
+                stream, scheduler = self.streams.pop(msg[1])  # the scheduler drops it without an event
+                scheduler.cancel(stream)
             elif kind == "stop":
                 for scheduler in self.schedulers.values():
                     scheduler.stop(Unavailable("the server stopped"))

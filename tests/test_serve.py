@@ -348,6 +348,7 @@ def test_capacity_and_cancelled_stream_frees_its_slot(small):
     assert code_of(lambda: run(stub, **GOOD)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     call.cancel()
     assert wait_until(lambda: active_streams(small) == 0 and small.server.engine.in_flight == 0)
+    assert small.server.engine.schedulers[model_name("lstm")].worker.streams == {}  # nothing left behind
     assert run(stub, **GOOD)[2].finish_reason == pb.FINISH_REASON_LENGTH
     # a cancelled stream does not advance (or create) its session
     resume = dict(GOOD, prompt="", session_id="cancelled", require_session=True)
@@ -387,6 +388,7 @@ def test_deadline_is_honoured(small):
         list(stub.Generate(api.generate_request(model_name("rnn"), "the ", BIG), timeout=0.3))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 5
     assert wait_until(lambda: active_streams(small) == 0 and small.server.engine.in_flight == 0)
+    assert small.server.engine.schedulers[model_name("lstm")].worker.streams == {}  # nothing left behind
     assert run(stub, **GOOD)[2].finish_reason == pb.FINISH_REASON_LENGTH
 
 

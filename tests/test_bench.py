@@ -47,6 +47,11 @@ def test_speedups_are_computed_from_the_same_runs_eager_records():
     assert records[8]["details"]["carried_speedup"] == 20.0 and records[9]["details"]["carried_speedup"] == 5.0
     assert records[8]["details"]["step_speedups"] == {"torch": 8000 / 120, "ort-cpu": 8000 / 30}
     assert got[7:] == [None, None, None]  # decodings are eager: their comparison is carried_speedup
+    sized = [rec(b, "grpc", p50=None, batch=None, concurrency=8, cps=cps, chunk_chars=k)
+             for b, cps, k in (("torch", 1000.0, 1), ("torch", 4000.0, 16), ("ort-cpu", 2000.0, 1),
+                               ("ort-cpu", 6000.0, 16))]
+    report.add_speedups(sized)  # gRPC at several message sizes: against eager at the same size
+    assert [r["speedup_vs_eager"] for r in sized] == [1.0, 1.0, 2.0, 1.5]
 
 
 def test_thread_counts_compare_like_for_like_and_targets_also_take_each_sides_best():
@@ -158,8 +163,10 @@ def test_options_and_presets():
     assert quick.hidden_sizes == (128, 512) and quick.explicit == {"seconds"}
     assert BenchConfig().cells == ("rnn", "lstm", "gru") and BenchConfig().threads == (1,)
     assert parse_args(["--threads", "1,2"]).threads == (1, 2)
+    assert BenchConfig().chunk_chars == quick.chunk_chars == (1, 16)
+    assert parse_args(["--chunk-chars", "1,4"]).chunk_chars == (1, 4)
     for bad in (["--backends", "torch,nope"], ["--modes", "step,fast"], ["--batches", "0"], ["--threads", "0"],
-                ["--threads", "2,2"]):
+                ["--threads", "2,2"], ["--chunk-chars", "0"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
 
@@ -208,7 +215,8 @@ def quick_run(tmp_path_factory):
     """--quick on the smallest model, few iterations: every mode, every file."""
     out = tmp_path_factory.mktemp("reports")
     argv = ["--quick", "--cells", "lstm", "--hidden-sizes", "16", "--batches", "1,8", "--concurrency", "1,8",
-            "--max-calls", "20", "--seconds", "0.02", "--refeed-chars", "25", "--grpc-chars", "8", "--out", str(out)]
+            "--chunk-chars", "1,4", "--max-calls", "20", "--seconds", "0.02", "--refeed-chars", "25",
+            "--grpc-chars", "8", "--out", str(out)]
     assert main(argv) == 0
     return out, json.loads((out / "latency.json").read_text())
 
@@ -222,6 +230,7 @@ def test_quick_run_writes_every_file(quick_run):
     for heading in ("## Targets", "## Step: one character", "## Step: batch sweep", "## Carried state",
                     "## gRPC end to end", "## Limit", "## Not measured"):
         assert heading in md
+    assert "| concurrency | chars/msg |" in md
     assert rep["machine"]["cpu"] and rep["machine"]["versions"]["torch"] == torch.__version__
 
 
@@ -232,7 +241,12 @@ def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run)
     assert {("step", "torch"), ("step", "ort-cpu"), ("carried", "torch"), ("refeed", "torch"), ("grpc", "torch"),
             ("grpc", "ort-cpu"), ("limit", "machine")} <= modes
     assert {r["batch"] for r in rep["records"] if r["mode"] == "step"} == {1, 8}
-    assert {r["concurrency"] for r in rep["records"] if r["mode"] == "grpc"} == {1, 8}
+    grpc = [r for r in rep["records"] if r["mode"] == "grpc"]
+    for backend in ("torch", "ort-cpu"):  # every (concurrency, chunk size) asked for, on each server
+        assert sorted((r["concurrency"], r["chunk_chars"]) for r in grpc if r["backend"] == backend) == [
+            (1, 1), (1, 4), (8, 1), (8, 4)]
+    assert all(r["details"]["loadgen"]["chunk_chars"] == r["chunk_chars"] for r in grpc)
+    assert rep["settings"]["chunk_chars"] == [1, 4]
     assert all(r["details"]["errors"] == {} for r in rep["records"] if r["mode"] == "grpc")
     measured = {r["backend"] for r in rep["records"]}
     for name in BACKENDS:  # every backend is either measured or listed with its reason

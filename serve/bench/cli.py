@@ -60,6 +60,8 @@ class BenchConfig:
                                                   "(fp16: onnxruntime/TensorRT on fp16 ONNX models)", _strs)
     batches: tuple[int, ...] = _opt((1, 8, 64, 256), "step mode's batch sizes", _ints)
     concurrency: tuple[int, ...] = _opt((1, 8, 64), "grpc mode's concurrent streams", _ints)
+    chunk_chars: tuple[int, ...] = _opt((1, 16), "grpc mode's characters per message (the requests' chunk_chars), "
+                                                 "each at every --concurrency", _ints)
     threads: tuple[int, ...] = _opt((1,), "intra-op threads of torch and onnxruntime, comma separated: step mode "
                                           "measures the CPU backends at each (taking turns, like backends); the other "
                                           "modes, and the server they start, use the first", _ints)
@@ -90,7 +92,7 @@ class BenchConfig:
             if bad or not getattr(self, name):
                 raise ValueError(f"--{name.replace('_', '-')}: {', '.join(bad) or 'empty'}; choose from "
                                  f"{', '.join(allowed)}")
-        for name in ("hidden_sizes", "batches", "concurrency", "refeed_windows", "threads"):
+        for name in ("hidden_sizes", "batches", "concurrency", "chunk_chars", "refeed_windows", "threads"):
             if any(x < 1 for x in getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if not self.threads or len(set(self.threads)) != len(self.threads):

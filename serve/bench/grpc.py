@@ -1,5 +1,5 @@
 """End to end: the real server (`python -m serve`, its own process on a free loopback port) driven by the
-load generator (clients.loadgen) at several concurrencies.
+load generator (clients.loadgen) at several concurrencies and message sizes.
 
 The server runs in a process of its own so that its event loop, scheduler thread and runtime do not
 share an interpreter (and a GIL) with the load generator; on a small machine they still share cores,
@@ -109,11 +109,13 @@ class ServerProcess:
         return " | ".join(text[-lines:]) or "(empty log)"
 
 
-def drive(target: str, concurrency: int, requests: int, max_chars: int, warmup: int = 2) -> dict:
+def drive(target: str, concurrency: int, requests: int, max_chars: int, chunk_chars: int = 1,
+          warmup: int = 2) -> dict:
     """clients.loadgen against target: `concurrency` streams in flight, `requests` in all, each asking for
-    `max_chars` characters streamed one per message (chunk_chars 1), sampled at loadgen's defaults."""
+    `max_chars` characters streamed `chunk_chars` per message, sampled at loadgen's defaults."""
     args = loadgen.parse_args(["--target", target, "--concurrency", str(concurrency), "--requests", str(requests),
-                               "--max-chars", str(max_chars), "--warmup", str(warmup), "--timeout", "600"])
+                               "--max-chars", str(max_chars), "--chunk-chars", str(chunk_chars),
+                               "--warmup", str(warmup), "--timeout", "600"])
     result = asyncio.run(loadgen.run(args))
     result["loadgen_args"] = {k: getattr(args, k) for k in ("temperature", "top_k", "chunk_chars", "warmup")}
     return result

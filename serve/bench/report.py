@@ -22,19 +22,20 @@ MODES = ("step", "refeed", "grpc", "limit")  # what --modes selects; refeed also
 
 
 def record(model: BenchModel, backend: str, mode: str, *, precision: str = "fp32", batch: int | None = None,
-           concurrency: int | None = None, threads: int, samples: int, us: dict | None, chars_per_s: float | None,
-           **details) -> dict:
+           concurrency: int | None = None, chunk_chars: int | None = None, threads: int, samples: int,
+           us: dict | None, chars_per_s: float | None, **details) -> dict:
     """One measurement. `us`: p50/p90/p99/mean microseconds per character (any may be None)."""
     us = us or {}
     device = BACKENDS[backend].device if backend in BACKENDS else "cpu"
     return {**model.describe(), "backend": backend, "device": device, "precision": precision, "mode": mode,
-            "batch": batch, "concurrency": concurrency, "threads": threads, "samples": samples,
-            **{f"{k}_us": us.get(k) for k in ("p50", "p90", "p99", "mean")}, "chars_per_s": chars_per_s,
+            "batch": batch, "concurrency": concurrency, "chunk_chars": chunk_chars, "threads": threads,
+            "samples": samples, **{f"{k}_us": us.get(k) for k in ("p50", "p90", "p99", "mean")},
+            "chars_per_s": chars_per_s,
             "speedup_vs_eager": None, "baseline": None, "limit_us": None, "x_limit": None, "details": details}
 
 
 def _key(r: dict) -> tuple:
-    return r["model"], r["mode"], r["batch"], r["concurrency"], r["threads"]
+    return r["model"], r["mode"], r["batch"], r["concurrency"], r["chunk_chars"], r["threads"]
 
 
 def limit_key(device: str, threads: int) -> str:
@@ -54,9 +55,9 @@ def speedup(base: dict, rec: dict, basis: str) -> float | None:
 
 def add_speedups(records: list[dict]) -> None:
     """speedup_vs_eager and baseline of every step and grpc record, against eager PyTorch measured in this
-    run on the same model, batch (or concurrency), thread count and device (the CPU eager run when the device
-    has none); and, on each re-feeding record, how many times faster carried-state generation was
-    (carried_speedup: eager generate) and each batch-1 step (step_speedups, by backend label)."""
+    run on the same model, batch (or concurrency and chunk_chars), thread count and device (the CPU eager run
+    when the device has none); and, on each re-feeding record, how many times faster carried-state generation
+    was (carried_speedup: eager generate) and each batch-1 step (step_speedups, by backend label)."""
     eager = {(_key(r), r["device"]): r for r in records if r["backend"] in EAGER.values() and r["precision"] == "fp32"}
     for r in records:
         if r["mode"] in ("step", "grpc"):
@@ -248,7 +249,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def _order(r: dict) -> tuple:
     names = list(BACKENDS) + ["machine"]
-    return (r["cell"], r["hidden_size"], r["model"], r["batch"] or 0, r["concurrency"] or 0,
+    return (r["cell"], r["hidden_size"], r["model"], r["batch"] or 0, r["concurrency"] or 0, r["chunk_chars"] or 0,
             names.index(r["backend"]) if r["backend"] in names else 99, r["precision"])
 
 
@@ -336,15 +337,17 @@ def markdown(rep: dict) -> str:
     if grpc:
         out.append("\n## gRPC end to end (`python -m serve` + `clients.loadgen`)\n")
         g = grpc[0]["details"]
-        out.append(f"Each stream asks for {g['max_chars']} characters, one per message, sampled at temperature "
-                   f"{g['loadgen']['temperature']}; {s['grpc_requests']} request(s) per stream (at least 8 in all). "
-                   "Server and load generator share the machine's cores. Inter-character gaps are taken at the "
-                   "client, where messages arrive in bursts: p50 is the gap inside a burst, p99 the wait between "
-                   "bursts, and mean = concurrency / aggregate chars/s (a stream's wall time per character). "
-                   "vs eager: aggregate chars/s over the torch-backed server's.\n")
-        out.append(_table(["model", "backend", "concurrency", "TTFC p50 ms", "TTFC p99 ms", "inter-char p50 ms",
-                           "inter-char p99 ms", "mean ms/char", "chars/s", "vs eager", "errors"],
-                          [[r["model"], _label(r), r["concurrency"], _us(r["details"]["ttfc_ms"]["p50"]),
+        out.append(f"Each stream asks for {g['max_chars']} characters, streamed chars/msg at a time (the request's "
+                   f"chunk_chars), sampled at temperature {g['loadgen']['temperature']}; {s['grpc_requests']} "
+                   "request(s) per stream (at least 8 in all). Server and load generator share the machine's cores. "
+                   "Inter-character gaps are taken at the client, a message's gap shared equally by its characters; "
+                   "messages arrive in bursts: p50 is the gap inside a burst, p99 the wait between bursts, and "
+                   "mean = concurrency / aggregate chars/s (a stream's wall time per character). vs eager: aggregate "
+                   "chars/s over the torch-backed server's at the same concurrency and chars/msg.\n")
+        out.append(_table(["model", "backend", "concurrency", "chars/msg", "TTFC p50 ms", "TTFC p99 ms",
+                           "inter-char p50 ms", "inter-char p99 ms", "mean ms/char", "chars/s", "vs eager", "errors"],
+                          [[r["model"], _label(r), r["concurrency"], r["chunk_chars"],
+                            _us(r["details"]["ttfc_ms"]["p50"]),
                             _us(r["details"]["ttfc_ms"]["p99"]), _ms(r["p50_us"]), _ms(r["p99_us"]), _ms(r["mean_us"]),
                             _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]), sum(r["details"]["errors"].values())]
                            for r in grpc]))
@@ -476,16 +479,25 @@ def plots(rep: dict, out: Path) -> list[Path]:
     grpc = [r for r in recs if r["mode"] == "grpc"]
     if grpc:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        for key in dict.fromkeys((r["model"], _label(r)) for r in grpc):
-            rs = [r for r in grpc if (r["model"], _label(r)) == key]
-            a1.plot([r["concurrency"] for r in rs], [r["chars_per_s"] for r in rs], "o-", label=" ".join(key))
-            a2.plot([r["concurrency"] for r in rs], [r["details"]["ttfc_ms"]["p50"] or 0 for r in rs], "o-")
+        sizes = sorted({r["chunk_chars"] for r in grpc})
+        styles = ("-", "--", ":", "-.")  # colour: model and backend; line style: characters per message
+        for i, key in enumerate(dict.fromkeys((r["model"], _label(r)) for r in grpc)):
+            for k in sizes:
+                rs = [r for r in grpc if (r["model"], _label(r)) == key and r["chunk_chars"] == k]
+                if not rs:
+                    continue
+                style = {"color": f"C{i % 10}", "ls": styles[sizes.index(k) % len(styles)], "marker": "o"}
+                a1.plot([r["concurrency"] for r in rs], [r["chars_per_s"] for r in rs],
+                        label=" ".join(key) if k == sizes[0] else None, **style)
+                a2.plot([r["concurrency"] for r in rs], [r["details"]["ttfc_ms"]["p50"] or 0 for r in rs], **style)
         for ax, y in ((a1, "aggregate chars/s"), (a2, "time to first char p50, ms")):
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("concurrent streams")
             ax.set_ylabel(y)
         a1.legend(fontsize=7)
+        a2.legend([plt.Line2D([], [], color="grey", ls=styles[j % len(styles)]) for j in range(len(sizes))],
+                  [f"{k} chars/msg" for k in sizes], fontsize=7)
         fig.suptitle("gRPC end to end")
         save(fig, "grpc.png")
     lim = [r for r in step if r["batch"] == 1 and r["x_limit"] is not None]

@@ -123,10 +123,10 @@ def _grpc_record(m: BenchModel, backend: str, precision: str, result: dict, thre
     gap = result["inter_char_ms"]
     us = {"p50": gap["p50"] and gap["p50"] * 1e3, "p99": gap["p99"] and gap["p99"] * 1e3,
           "mean": result["concurrency"] / result["chars_per_s"] * 1e6 if result["chars_per_s"] else None}
-    return report.record(m, backend, "grpc", precision=precision, concurrency=result["concurrency"], threads=threads,
-                         samples=result["chars"], us=us, chars_per_s=result["chars_per_s"],
-                         ttfc_ms=result["ttfc_ms"], requests=result["requests"], ok=result["ok"],
-                         errors=result["errors"], chars=result["chars"], wall_s=result["wall_s"],
+    return report.record(m, backend, "grpc", precision=precision, concurrency=result["concurrency"],
+                         chunk_chars=result["chunk_chars"], threads=threads, samples=result["chars"], us=us,
+                         chars_per_s=result["chars_per_s"], ttfc_ms=result["ttfc_ms"], requests=result["requests"],
+                         ok=result["ok"], errors=result["errors"], chars=result["chars"], wall_s=result["wall_s"],
                          max_chars=result["max_chars"], loadgen=result["loadgen_args"], server=command)
 
 
@@ -182,7 +182,7 @@ def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
                     limits[report.limit_key(device, t)] = probe_limits(device, models, cfg.precisions, t, cfg.quick)
             torch.set_num_threads(primary)
         per_model = (len(cfg.batches) if "step" in cfg.modes else 0) + ("refeed" in cfg.modes) \
-            + len(serving) * len(cfg.concurrency)
+            + len(serving) * len(cfg.concurrency) * len(cfg.chunk_chars)
         progress = Progress(len(models) * per_model)
         try:
             for m in models:
@@ -243,27 +243,28 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
         carried, refeed = time_decoding(m.path, windows, cfg.refeed_chars, BLOCK_CHARS)
         records.extend(_decoding_records(m, carried, refeed, cfg.refeed_chars, primary))
         progress.advance(f"{m.model_id}: carried vs re-feeding {', '.join(map(str, windows))}")
+    points = [(c, k) for c in cfg.concurrency for k in cfg.chunk_chars]  # message sizes side by side at each c
     for b, p in serving:
         what = f"grpc on {b} ({p})"
         if (b, p) in failed:
             _skip(skipped, what, "the backend did not open for this model (above)", b, p, m.model_id, "grpc")
-            progress.advance(what, len(cfg.concurrency))
+            progress.advance(what, len(points))
             continue
         done = 0
         try:
             server = ServerProcess(_server_models(b, m, p, exports), *BACKENDS[b].server, threads=primary,
                                    log_dir=tmp)
             with server as target:
-                for c in cfg.concurrency:
-                    progress.note(f"{m.model_id}: grpc {b}, concurrency {c}")
-                    result = drive(target, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars)
+                for c, k in points:
+                    progress.note(f"{m.model_id}: grpc {b}, concurrency {c}, {k} chars/msg")
+                    result = drive(target, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars, k)
                     records.append(_grpc_record(m, b, p, result, primary, server.command))
                     done += 1
-                    progress.advance(f"{m.model_id}: {what}, concurrency {c}")
+                    progress.advance(f"{m.model_id}: {what}, concurrency {c}, {k} chars/msg")
         except ServerFailed as e:
             _skip(skipped, what, str(e), b, p, m.model_id, "grpc")
         except Exception as e:
             log.exception("%s: %s failed", m.model_id, what)
             _skip(skipped, what, f"{type(e).__name__}: {e}", b, p, m.model_id, "grpc")
-        if done < len(cfg.concurrency):
-            progress.advance(what, len(cfg.concurrency) - done)
+        if done < len(points):
+            progress.advance(what, len(points) - done)

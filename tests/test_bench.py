@@ -91,12 +91,19 @@ def test_limit_is_the_slower_of_memory_and_compute():
 def test_model_arithmetic_matches_the_parameter_count():
     from train.model import CharRNN, ModelConfig
     for cell in ("rnn", "lstm", "gru"):
-        m = BenchModel(None, "x", cell, 64, 3, 40, 50, "random")
+        G = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
+        m = BenchModel(None, "x", cell, 32, 3, 40, 50, "random")  # V = 40 >= H = 32: as trained
+        net = CharRNN(ModelConfig(cell, 40, 32, 3))
+        no_embedding = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("embed"))
+        assert m.weight_bytes(1) == 4 * (no_embedding + 32)  # plus one embedding row
+        assert m.weight_bytes(1000) == 4 * (no_embedding + 40 * 32)  # at most V rows
+        assert m.flops(2) == 2 * 2 * (2 * G * 32 * 32 + 2 * 32 * 32 + 32 * 40)
+        m = BenchModel(None, "x", cell, 64, 3, 40, 50, "random")  # V = 40 < H = 64: the embedding folded
         net = CharRNN(ModelConfig(cell, 40, 64, 3))
         no_embedding = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("embed"))
-        assert m.weight_bytes(1) == 4 * (no_embedding + 64)  # plus one embedding row
-        assert m.weight_bytes(1000) == 4 * (no_embedding + 40 * 64)  # at most V rows
-        assert m.flops(2) == 2 * 2 * (2 * {"rnn": 1, "gru": 3, "lstm": 4}[cell] * 64 * 64 + 2 * 64 * 64 + 64 * 40)
+        folded = no_embedding - G * 64 * 64 + G * 64 * 40  # input weights G*H x V instead of G*H x H
+        assert m.weight_bytes(1) == m.weight_bytes(1000) == 4 * folded
+        assert m.flops(2) == 2 * 2 * (G * 64 * 40 + G * 64 * 64 + 2 * 64 * 64 + 64 * 40)
 
 
 def test_add_limits_marks_each_step_with_its_fraction_of_the_limit():

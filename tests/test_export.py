@@ -38,12 +38,18 @@ def exported(tmp_path_factory):
     for i, cell in enumerate(CELLS):
         ckpt = make_checkpoint(root / "runs", cell=cell, hidden=32, fc=2, seed=i)
         out[cell] = (ckpt, export_onnx(ckpt, root / "exports" / ckpt.name))
+        # 35 characters, 48 hidden units: the export folds the embedding into the input weights
+        ckpt = make_checkpoint(root / "runs", cell=cell, hidden=48, fc=2, seed=i)
+        out[f"{cell}-folded"] = (ckpt, export_onnx(ckpt, root / "exports" / ckpt.name))
     return out
+
+
+FOLDED = tuple(f"{cell}-folded" for cell in CELLS)
 
 
 # --- parity: the backbone ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", CELLS + FOLDED)
 def test_export_passes_the_contract_parity_check(exported, cell):
     ckpt, path = exported[cell]
     report = manifest.read_manifest(path.parent)["exports"]["onnx"]["parity"]
@@ -54,7 +60,7 @@ def test_export_passes_the_contract_parity_check(exported, cell):
     assert all(c["calls"] == 202 for c in report["cases"])
 
 
-@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("cell", CELLS + FOLDED)
 def test_onnx_runtime_matches_eager_torch_through_the_step_protocol(exported, cell):
     """Independently of the built-in check: carried state, mixed batches via take/concat, a greedy decode."""
     ckpt, path = exported[cell]
@@ -161,6 +167,20 @@ def test_graph_has_symbolic_batch_and_time_and_native_recurrent_op(exported, cel
     ort = OrtRuntime(path)  # shapes never seen at export time
     logits, state = ort.step(np.zeros((11, 97), np.int64), ort.new_state(11))
     assert logits.shape == (11, 35) and logits.dtype == np.float32 and state[0].shape == (11, 32)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_small_vocabulary_is_folded_into_the_input_weights(exported, cell):
+    """V = 35 < H = 48: the recurrent op's input weights are G*H x V (one-hot input); V >= H: as trained."""
+    gates = {"rnn": 1, "gru": 3, "lstm": 4}[cell]
+    for key, hidden, width in ((cell, 32, 32), (f"{cell}-folded", 48, 35)):
+        _, path = exported[key]
+        model = onnx.load(str(path))
+        (op,) = [n for n in model.graph.node if n.op_type == cell.upper()]
+        weights = {t.name: list(t.dims) for t in model.graph.initializer}
+        assert weights[op.input[1]] == [1, gates * hidden, width]
+        options = manifest.read_manifest(path.parent)["exports"]["onnx"]["options"]
+        assert options["fold_embedding"] == (width < hidden)
 
 
 def test_metadata_round_trip(exported):

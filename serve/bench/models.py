@@ -36,16 +36,19 @@ class BenchModel:
 
     def weight_bytes(self, batch: int, bytes_per_param: int = 4) -> int:
         """Bytes of weights one step at this batch reads: recurrent and head matrices and biases, and the
-        embedding rows of its tokens (at most V distinct ones)."""
+        input side: with fewer characters than hidden units the export folds the embedding into the input
+        weights (G*H x V, export.onnx.fold_embedding), else the input weights and the embedding rows of the
+        step's tokens (at most V distinct ones). The folded size is the bar for every backend."""
         H, V, G = self.hidden_size, self.vocab_size, GATES[self.cell]
-        recurrent = 2 * G * H * H + 2 * G * H  # W_ih, W_hh, b_ih, b_hh
+        inputs = G * H * V if V < H else G * H * H + min(batch, V) * H
+        recurrent = inputs + G * H * H + 2 * G * H  # input side, W_hh, b_ih, b_hh
         head = (self.fc_layers - 1) * (H * H + H) + H * V + V
-        return bytes_per_param * (recurrent + head + min(batch, V) * H)
+        return bytes_per_param * (recurrent + head)
 
     def flops(self, batch: int) -> int:
         """Multiply-adds x 2 of one step at this batch (the matrix products; pointwise ops are noise)."""
         H, V, G = self.hidden_size, self.vocab_size, GATES[self.cell]
-        return 2 * batch * (2 * G * H * H + (self.fc_layers - 1) * H * H + H * V)
+        return 2 * batch * (G * H * min(V, H) + G * H * H + (self.fc_layers - 1) * H * H + H * V)
 
     def describe(self) -> dict:
         return {"model": self.model_id, "cell": self.cell, "hidden_size": self.hidden_size,

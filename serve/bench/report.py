@@ -15,7 +15,7 @@ from serve.bench.models import BenchModel
 
 log = logging.getLogger(__name__)
 
-FORMAT = "charrnn-latency/1"
+FORMAT = "charrnn-latency/2"
 MODES = ("step", "refeed", "grpc", "limit")  # what --modes selects; refeed also measures "carried"
 
 # --- records --------------------------------------------------------------------------------------

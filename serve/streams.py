@@ -8,14 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from serve.scheduler import Stream
-from serve.types import (
-    Chunk,
-    FinishReason,
-    GenerateRequest,
-    GenerateStats,
-    Prediction,
-    SessionState,
-)
+from serve.types import Chunk, FinishReason, GenerateRequest, GenerateStats, Prediction, SessionState
 from train.sampling import Uniforms, sample_many
 from train.vocab import Vocab
 
@@ -47,9 +40,9 @@ class GenerationStream(Stream):
         column = tokens.reshape(-1, 1)  # row i, a (1,) view, is stream i's next input: no array per stream
         return [s.accept(t, now, column[i]) for i, (s, t) in enumerate(zip(streams, tokens.tolist()))]
 
-    def accept(self, token: int, now: float, as_input: np.ndarray | None = None):
+    def accept(self, token: int, now: float, as_input: np.ndarray):
         """The sampled next character: count it, check stops and length, and maybe emit a chunk.
-        as_input: the token as a (1,) int64 array, when the caller has one."""
+        as_input: the same token as a (1,) int64 array, the stream's next input."""
         r = self.req
         ch = self.vocab.chars[token]
         if self.generated:
@@ -67,7 +60,7 @@ class GenerationStream(Stream):
             self.done = True
             self.pending = np.array([token], np.int64)
             return self._flush(FinishReason.STOP if stop is not None else FinishReason.LENGTH, stop or "")
-        self.tokens = np.array([token], np.int64) if as_input is None else as_input
+        self.tokens = as_input
         if len(self.buf) >= r.chunk_chars:
             return self._flush()
         return None

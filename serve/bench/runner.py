@@ -14,24 +14,10 @@ import numpy as np
 import torch
 
 from serve.bench import report
-from serve.bench.backends import (
-    BACKENDS,
-    BackendUnavailable,
-    Exports,
-    open_runtime,
-    unavailable,
-)
+from serve.bench.backends import BACKENDS, BackendUnavailable, Exports, open_runtime, unavailable
 from serve.bench.grpc import ServerFailed, ServerProcess, drive
-from serve.bench.measure import (
-    Subject,
-    bandwidth,
-    describe_machine,
-    load_average,
-    matmul_rate,
-    summary_us,
-    time_decoding,
-    time_steps,
-)
+from serve.bench.measure import (Subject, bandwidth, describe_machine, load_average, matmul_rate, summary_us,
+                                  time_decoding, time_steps)
 from serve.bench.models import BenchModel, find_models, random_models
 from train.checkpoint import CheckpointError
 

@@ -195,8 +195,9 @@ def test_metadata_round_trip(exported):
     assert OrtRuntime(path).describe() == {**TorchRuntime(ckpt).describe(), "backend": "onnxruntime"}
 
 
-def test_fp16_export_keeps_float32_io_and_passes_its_tolerance(tmp_path):
-    ckpt = make_checkpoint(tmp_path, cell="lstm")
+@pytest.mark.parametrize("hidden", [32, 48], ids=["as-trained", "folded"])
+def test_fp16_export_keeps_float32_io_and_passes_its_tolerance(tmp_path, hidden):
+    ckpt = make_checkpoint(tmp_path, cell="lstm", hidden=hidden)
     result = export_onnx_result(ckpt, tmp_path / "fp16", precision="fp16")
     model = onnx.load(str(result["path"]))
     io = (*model.graph.input[1:], *model.graph.output)
@@ -205,7 +206,7 @@ def test_fp16_export_keeps_float32_io_and_passes_its_tolerance(tmp_path):
     parity = result["manifest"]["exports"]["onnx"]["parity"]
     assert parity["passed"] and parity["spec"]["tol"] == 1e-2 and 1e-6 < parity["max_abs_logits"] < 1e-2
     meta = read_onnx_metadata(result["path"])
-    assert meta["precision"] == "fp16" and meta["model_id"] == "lstm-h32-fc2-s16-fp16"  # served beside the fp32 one
+    assert meta["precision"] == "fp16" and meta["model_id"] == f"lstm-h{hidden}-fc2-s16-fp16"  # beside the fp32 one
 
 
 # --- manifest, reruns, the CLI ----------------------------------------------------------------------

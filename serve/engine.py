@@ -48,12 +48,12 @@ class Engine:
 
     # lifecycle
 
-    async def start(self, lost: Callable[[list[str]], None] | None = None) -> None:
+    async def start(self, health: Callable[[list[str], bool], None] | None = None) -> None:
         """Start one scheduler per model (or attach to the workers'), on the loop that will serve requests.
-        lost(models) is called when a worker process dies, with the models it ran."""
+        health(models, serving) is called when a worker process dies (False) and when it is back (True)."""
         self._loop = asyncio.get_running_loop()
         if self.pool:
-            self.schedulers = await self.pool.start(self.metrics, self.cfg.max_unsent, lost)
+            self.schedulers = await self.pool.start(self.metrics, self.cfg.max_unsent, health)
             return
         for mid, rt in self.served.items():
             self.schedulers[mid] = Scheduler(rt, self._deliver, metrics=self.metrics.model(mid),

@@ -194,7 +194,7 @@ class Server:
             if self.engine.pool:
                 self.engine.pool.close()
             raise StartError(f"cannot listen on {address} (metrics port {self.cfg.metrics_port}): {e}") from None
-        await self.engine.start(self._models_lost)
+        await self.engine.start(self._set_health)
         await server.start()
         for name in ["", SERVICE, *self.models]:  # overall, the service, and each model by id
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -220,10 +220,11 @@ class Server:
         self.metrics.close()
         log.info("stopped after %.2f s", time.monotonic() - t0)
 
-    def _models_lost(self, names: list[str]) -> None:
-        """Their worker process has gone: health says so for each (the other models keep serving)."""
+    def _set_health(self, names: list[str], serving: bool) -> None:
+        """Their worker process has gone, or is back: health says so for each model."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in names:
-            task = asyncio.ensure_future(self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING))
+            task = asyncio.ensure_future(self.health.set(name, status))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
 

@@ -16,7 +16,8 @@ pair per worker carries length-prefixed pickled messages between our own two pro
 
 The front end reads with an asyncio protocol (one read takes every message waiting) and writes through
 its transport (never blocking the loop). A worker that dies (killed, crashed) ends its streams with
-UNAVAILABLE and its models' new requests get the same; the other workers' models carry on.
+UNAVAILABLE, as are its models' requests until a new process has opened them (at most MAX_RESTARTS
+times within RESTART_WINDOW_S; then they stay down); the other workers' models carry on.
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_EVERY_S = 0.1  # a model's metrics travel with its events this often, and whenever streams come or go
 STOP_TIMEOUT_S = 10.0  # a worker that has not exited by then after "stop" is killed
+MAX_RESTARTS, RESTART_WINDOW_S = 3, 60.0  # a worker that dies more often than this stays down
 
 
 @dataclass(frozen=True)
@@ -188,12 +190,12 @@ class WorkerPool:
             self.close()
             raise
 
-    async def start(self, metrics, max_unsent: int, lost=None) -> dict[str, RemoteScheduler]:
-        """Read the workers' events on the running loop; the schedulers' stand-ins, by model. lost(models)
-        is called when a worker dies."""
+    async def start(self, metrics, max_unsent: int, health=None) -> dict[str, RemoteScheduler]:
+        """Read the workers' events on the running loop; the schedulers' stand-ins, by model.
+        health(models, serving) is called when a worker dies (False) and when its restart is ready (True)."""
         schedulers = {}
         for w in self.workers:
-            w.lost = lost
+            w.health = health
             await w.attach()
             for name in w.models:
                 schedulers[name] = RemoteScheduler(w, name, metrics.model(name), max_unsent)
@@ -214,21 +216,29 @@ class _WorkerHandle(asyncio.Protocol):
     """One worker process, seen from the front end: its socket, the streams it holds, its models' metrics."""
 
     def __init__(self, ctx, index: int, paths: list[Path], backend: str, providers, threads: int, settings: dict):
+        self._spec = ctx, index, paths, backend, providers, threads, settings
+        self.models: list[str] = []
+        self.metrics: dict[str, ModelMetrics] = {}
+        self.health = None  # called with (self.models, serving) when the process dies and when it is back
+        self._restarts: list[float] = []  # when it was restarted, within the last RESTART_WINDOW_S
+        self._restarting: asyncio.Task | None = None
+        self._stopping = False
+        self._spawn()
+
+    def _spawn(self) -> None:
+        """Start the process; until `attach`, the handle is not connected."""
+        ctx, index, paths, backend, providers, threads, settings = self._spec
         self.sock, child = socket.socketpair()
         self.process = ctx.Process(target=_worker_main, name=f"charrnn-worker-{index}", daemon=True,
                                    args=(child, paths, backend, providers, threads, settings))
         self.process.start()
         child.close()
-        self.models: list[str] = []
         self.streams: dict[int, Stream] = {}
-        self.metrics: dict[str, ModelMetrics] = {}
-        self.dead: str | None = None  # why, once the process has gone
-        self.lost = None  # called with self.models if the process dies
+        self.dead: str | None = None  # why, while the process is gone
         self._transport: asyncio.Transport | None = None
         self._outgoing: list[bytes] = []  # frames waiting for the end of this turn of the loop
         self._buf = bytearray()
         self._lost: asyncio.Event | None = None  # set when the socket closes
-        self._stopping = False
 
     def wait_ready(self) -> dict[str, ModelCard]:
         try:
@@ -257,7 +267,7 @@ class _WorkerHandle(asyncio.Protocol):
 
     def _flush(self) -> None:
         data, self._outgoing = b"".join(self._outgoing), []
-        if not self._transport.is_closing():
+        if self._transport is not None and not self._transport.is_closing():
             self._transport.write(data)  # buffered by the transport: never blocks the loop
 
     # asyncio.Protocol
@@ -303,16 +313,42 @@ class _WorkerHandle(asyncio.Protocol):
                                           f"exited (code {self.process.exitcode})")
         if exc is None:
             log.error("%s; ending its %d stream(s)", self.dead, len(self.streams))
-            if self.lost:
-                self.lost(self.models)
+            if self.health:
+                self.health(self.models, False)
+            self._restarting = asyncio.ensure_future(self._restart())
         for stream in self.streams.values():
             stream.done = True
             stream.queue.put_nowait(exc or Unavailable(self.dead))
         self.streams.clear()
 
+    async def _restart(self) -> None:
+        """A new process for the same models, unless this one keeps dying (then its models stay down)."""
+        now = time.monotonic()
+        self._restarts = [t for t in self._restarts if now - t < RESTART_WINDOW_S]
+        if len(self._restarts) >= MAX_RESTARTS:
+            log.error("not restarting %s: it died %d times within %.0f s", self.process.name, MAX_RESTARTS + 1,
+                      RESTART_WINDOW_S)
+            return
+        self._restarts.append(now)
+        why = self.dead
+        self._spawn()
+        self.dead = why  # requests keep getting UNAVAILABLE until the new process is ready
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, self.wait_ready)
+            await self.attach()
+        except (BackendError, OSError) as e:
+            log.error("%s could not be restarted: %s", self.process.name, e)
+            return
+        self.dead = None
+        log.info("%s restarted: serving %s again", self.process.name, ", ".join(self.models))
+        if self.health:
+            self.health(self.models, True)
+
     async def stop(self, exc: BaseException) -> None:
+        self._stopping = True
+        if self._restarting and not self._restarting.done():
+            self._restarting.cancel()  # its process is killed below
         if not self.dead:
-            self._stopping = True
             self.send(("stop",))  # the worker ends its streams (their events still arrive), then exits
             try:
                 await asyncio.wait_for(self._lost.wait(), STOP_TIMEOUT_S)

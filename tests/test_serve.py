@@ -20,6 +20,7 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+import serve.workers
 from clients import api
 from export.runtime import TorchRuntime
 from protos.charrnn.v1 import charrnn_pb2 as pb
@@ -485,27 +486,54 @@ def test_session_cache_ttl_lru_and_busy():
 # worker processes
 
 
-def test_a_dead_worker_ends_its_streams_and_the_others_carry_on(models_dir, eager):
+def kill_mid_stream(bg, model):
+    """Kill the worker running model while one of its streams is running: that stream ends UNAVAILABLE."""
+    stub = api.stub(bg.target)
+    process = bg.server.engine.schedulers[model].worker.process
+    call = stub.Generate(api.generate_request(model, "the ", BIG), timeout=60)
+    next(call)  # streaming
+    process.kill()
+    with pytest.raises(grpc.RpcError) as e:
+        list(call)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "exited" in e.value.details()
+    return process
+
+
+def health_of(bg, *names):
+    health = health_pb2_grpc.HealthStub(grpc.insecure_channel(bg.target))
+    serving = health_pb2.HealthCheckResponse.SERVING
+    return {n: health.Check(health_pb2.HealthCheckRequest(service=n), timeout=5).status == serving for n in names}
+
+
+def test_a_worker_that_keeps_dying_stays_down_and_the_others_carry_on(models_dir, eager, monkeypatch):
+    monkeypatch.setattr(serve.workers, "MAX_RESTARTS", 1)
     cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG, workers=2)  # gru, rnn | lstm
+    lstm, gru = model_name("lstm"), model_name("gru")
     with BackgroundServer(cfg) as bg:
         stub = api.stub(bg.target)
-        lstm, gru = model_name("lstm"), model_name("gru")
-        workers = {m: bg.server.engine.schedulers[m].worker.process for m in (lstm, gru)}
-        assert workers[lstm].pid != workers[gru].pid
-        call = stub.Generate(api.generate_request(lstm, "the ", BIG), timeout=60)
-        next(call)  # streaming
-        workers[lstm].kill()
-        with pytest.raises(grpc.RpcError) as e:
-            list(call)
-        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "exited" in e.value.details()
+        other = bg.server.engine.schedulers[gru].worker.process
+        first = kill_mid_stream(bg, lstm)
+        assert wait_until(lambda: health_of(bg, lstm)[lstm], timeout=120)  # restarted once
+        assert bg.server.engine.schedulers[lstm].worker.process.pid != first.pid
+        kill_mid_stream(bg, lstm)  # again: past MAX_RESTARTS, so it stays down
         assert code_of(lambda: run(stub, model=lstm, prompt="the ", max_chars=5)) == grpc.StatusCode.UNAVAILABLE
         assert run(stub, model=gru, prompt="the ", max_chars=60)[0] == reference(eager, gru, "the ", 60)
         assert len(api.list_models(stub)) == len(CELLS)
-        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(bg.target))
-        status = {m: health.Check(health_pb2.HealthCheckRequest(service=m), timeout=5).status for m in ("", lstm, gru)}
-        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-        assert status == {"": serving, lstm: not_serving, gru: serving}
-    assert not workers[gru].is_alive()  # stopped with the server
+        assert health_of(bg, "", lstm, gru) == {"": True, lstm: False, gru: True}
+    assert not other.is_alive()  # stopped with the server
+
+
+def test_a_dead_worker_is_restarted_and_its_models_serve_again(models_dir, eager):
+    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG)
+    lstm = model_name("lstm")
+    with BackgroundServer(cfg) as bg:
+        stub = api.stub(bg.target)
+        kill_mid_stream(bg, lstm)
+        assert not health_of(bg, lstm)[lstm]
+        assert wait_until(lambda: health_of(bg, lstm)[lstm], timeout=120)
+        for cell in CELLS:  # every model of that worker, greedy text exact, sessions fresh
+            model = model_name(cell)
+            assert run(stub, model=model, prompt="the ", max_chars=60)[0] == reference(eager, model, "the ", 60)
 
 
 def test_a_stopping_server_ends_streams_and_its_workers(models_dir):

@@ -13,9 +13,7 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from train.checkpoint import load_checkpoint
 from train.vocab import Vocab
 
 # metadata_props keys of an exported model (DESIGN.md "Exported step model")
@@ -57,17 +55,23 @@ class TorchRuntime(Runtime):
     backend = "torch"
 
     def __init__(self, ckpt_dir: Path, device: str = "cpu"):
+        import torch  # here, not at the top: servers of exports never load torch (~1 s, ~185 MB a process)
+
+        from train.checkpoint import load_checkpoint
+
         ckpt = load_checkpoint(ckpt_dir, device)
         cfg = ckpt.model.cfg
         super().__init__(ckpt.model_id, cfg.cell, cfg.hidden_size, cfg.fc_layers, ckpt.vocab)
         self.model, self.device = ckpt.model, torch.device(device)
 
-    @torch.inference_mode()
     def step(self, tokens, state):
-        t = torch.as_tensor(tokens, dtype=torch.int64, device=self.device)
-        st = tuple(torch.as_tensor(s, device=self.device) for s in state)
-        logits, st = self.model(t, st)  # (B, T, V)
-        return logits[:, -1].float().cpu().numpy(), tuple(s.float().cpu().numpy() for s in st)
+        import torch
+
+        with torch.inference_mode():
+            t = torch.as_tensor(tokens, dtype=torch.int64, device=self.device)
+            st = tuple(torch.as_tensor(s, device=self.device) for s in state)
+            logits, st = self.model(t, st)  # (B, T, V)
+            return logits[:, -1].float().cpu().numpy(), tuple(s.float().cpu().numpy() for s in st)
 
 
 def read_onnx_metadata(path: Path) -> dict:

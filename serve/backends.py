@@ -11,11 +11,11 @@ import logging
 from pathlib import Path
 
 from export.runtime import OrtRuntime, Runtime, TorchRuntime
-from train.checkpoint import CONFIG
-
 log = logging.getLogger(__name__)
 
-MODEL_FILES = {"torch": CONFIG, "onnxruntime": "model.onnx", "tensorrt": "model.engine"}
+# "config.json" is train.checkpoint.CONFIG, spelled out: importing train.checkpoint would load torch,
+# which a server of exports never needs (tests check both)
+MODEL_FILES = {"torch": "config.json", "onnxruntime": "model.onnx", "tensorrt": "model.engine"}
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
 # The default: CUDA when present, else CPU. TensorRT's provider is opt-in: it builds an engine per new

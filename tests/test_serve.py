@@ -6,9 +6,12 @@ per-stream generator, so the same seed must give the same text whatever else is 
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -261,6 +264,26 @@ def test_onnxruntime_backend_equals_eager(ort_server, eager, cell):
     sid = f"ort-{cell}"
     halves = [run(stub, model=model, prompt=p, max_chars=50, session_id=sid)[0] for p in ("the ", "")]
     assert "".join(halves) == reference(eager, model, "the ", 100)
+
+
+def test_a_server_of_exports_never_loads_torch(ort_server):
+    """torch costs a process ~1 s to import and ~185 MB; a server of exports (front end and workers) needs none of it."""
+    code = "import sys, serve.server, clients.generate, clients.loadgen; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
+    workers = ort_server.server.engine.pool.workers
+    assert workers
+    for w in workers:  # what the running worker process has mapped (Linux)
+        maps = Path(f"/proc/{w.process.pid}/maps")
+        if maps.exists():
+            assert "libtorch" not in maps.read_text()
+            assert "onnxruntime" in maps.read_text()
+
+
+def test_model_files_name_the_checkpoint_config():
+    from serve.backends import MODEL_FILES
+    from train.checkpoint import CONFIG
+
+    assert MODEL_FILES["torch"] == CONFIG
 
 
 # bad requests

@@ -5,11 +5,14 @@ same seed gives the same text wherever it runs.
 """
 from __future__ import annotations
 
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
-from train.model import CharRNN
+import numpy as np
+
 from train.vocab import Vocab
+
+if TYPE_CHECKING:
+    from train.model import CharRNN
 
 
 class Uniforms:
@@ -96,31 +99,35 @@ def sample_many(logits: np.ndarray, temperature, top_k, top_p, rngs) -> np.ndarr
     return out
 
 
-@torch.inference_mode()
 def generate(model: CharRNN, vocab: Vocab, prompt: str, n: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int | None = 0) -> str:
     """n characters after prompt, the hidden state carried from step to step (one step per character)."""
+    import torch  # here: the server imports this module for `sample_many` and never needs torch
+
     model.eval()
     device = model.embed.weight.device
     rng = np.random.default_rng(seed)
-    tokens = torch.from_numpy(vocab.encode(prompt)).to(device).unsqueeze(0)  # (1, T)
-    logits, state = model(tokens)  # prefill the whole prompt in one call
     out = []
-    for _ in range(n):
-        nxt = sample(logits[0, -1].float().cpu().numpy(), temperature, top_k, top_p, rng)
-        out.append(nxt)
-        logits, state = model(torch.tensor([[nxt]], device=device), state)
+    with torch.inference_mode():
+        tokens = torch.from_numpy(vocab.encode(prompt)).to(device).unsqueeze(0)  # (1, T)
+        logits, state = model(tokens)  # prefill the whole prompt in one call
+        for _ in range(n):
+            nxt = sample(logits[0, -1].float().cpu().numpy(), temperature, top_k, top_p, rng)
+            out.append(nxt)
+            logits, state = model(torch.tensor([[nxt]], device=device), state)
     return vocab.decode(out)
 
 
-@torch.inference_mode()
 def generate_refeed(model: CharRNN, vocab: Vocab, prompt: str, n: int, seq_len: int) -> str:
     """The seed's decoding: greedy, re-running the last seq_len characters from a zero state for every character."""
+    import torch
+
     model.eval()
     device = model.embed.weight.device
     ids = list(vocab.encode(prompt))
-    for _ in range(n):
-        window = torch.tensor([ids[-seq_len:]], device=device)  # (1, seq_len)
-        logits, _ = model(window)
-        ids.append(int(logits[0, -1].argmax()))
+    with torch.inference_mode():
+        for _ in range(n):
+            window = torch.tensor([ids[-seq_len:]], device=device)  # (1, seq_len)
+            logits, _ = model(window)
+            ids.append(int(logits[0, -1].argmax()))
     return vocab.decode(ids[len(ids) - n:])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from collections import Counter
@@ -99,7 +100,8 @@ async def run(args) -> dict:
     wall = time.perf_counter() - t0
     config = {k: getattr(args, k) for k in ("target", "concurrency", "requests", "max_chars", "chunk_chars",
                                               "temperature", "top_k", "warmup")}
-    return {"model": model.id, "backend": model.backend, **config, **summarize(records, wall)}
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None  # where this client ran
+    return {"model": model.id, "backend": model.backend, **config, "client_cpus": cpus, **summarize(records, wall)}
 
 
 def report(r: dict) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 
 import numpy as np
 import pytest
@@ -215,7 +216,39 @@ def test_step_timer_interleaves_backends_and_counts_calls(tmp_path):
     assert all(len(t) == 12 and (t > 0).all() for t in times.values())
 
 
+def test_grpc_targets_compare_64_streams_with_one_and_one_stream_with_the_in_process_loop():
+    def grpc(concurrency, cps, chunk_chars, mean_us=None):
+        r = rec("ort-cpu", "grpc", p50=None, batch=None, concurrency=concurrency, cps=cps, chunk_chars=chunk_chars,
+                server_cpus=[0, 1], client_cpus=[2, 3])
+        r["mean_us"] = mean_us
+        return r
+
+    records = [rec("ort-cpu", "loop", p50=40.0), grpc(1, 5000.0, 1, mean_us=200.0), grpc(64, 60000.0, 1),
+               grpc(1, 10000.0, 16, mean_us=70.0), grpc(64, 90000.0, 16)]
+    targets = [t for t in report.evaluate_targets(records, []) if t["target"].startswith("grpc")]
+    batching = {t["note"].split(" ")[0]: t for t in targets if t["target"] == "grpc_batching_10x"}
+    assert batching["1"]["measured"] == 12.0 and batching["1"]["passed"]
+    assert batching["16"]["measured"] == 9.0 and batching["16"]["passed"] is False
+    latency = {t["note"].split(" ")[0]: t for t in targets if t["target"] == "grpc_one_stream_2x"}
+    assert latency["1"]["measured"] == 5.0 and latency["1"]["passed"] is False
+    assert latency["16"]["measured"] == 1.75 and latency["16"]["passed"]
+    assert all("server on CPUs 0,1, load generator on CPUs 2,3" in t["note"] for t in targets)
+    missing = {t["target"]: t for t in report.evaluate_targets([rec("ort-cpu", p50=40.0)], [])}
+    assert missing["grpc_batching_10x"]["passed"] is None and "concurrency 1 and 64" in missing["grpc_batching_10x"]["note"]
+
+
+def test_cpu_lists_are_parsed_and_checked():
+    usable = sorted(os.sched_getaffinity(0))
+    cfg = parse_args(["--server-cpus", f"{usable[0]}-{usable[0]}", "--client-cpus", f"{usable[-1]}"])
+    assert cfg.server_cpus == (usable[0],) and cfg.client_cpus == (usable[-1],)
+    with pytest.raises(SystemExit):  # a CPU this process may not use
+        parse_args(["--server-cpus", str(max(usable) + 1)])
+
+
 # --- the report: schema and a whole --quick run ---------------------------------------------------
+
+CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+PIN = ["--server-cpus", str(CPUS[0]), "--client-cpus", str(CPUS[1])] if len(CPUS) >= 2 else []
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
@@ -223,7 +256,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reports")
     argv = ["--quick", "--cells", "lstm", "--hidden-sizes", "16", "--batches", "1,8", "--concurrency", "1,8",
             "--chunk-chars", "1,4", "--max-calls", "20", "--seconds", "0.02", "--refeed-chars", "25",
-            "--grpc-chars", "8", "--out", str(out)]
+            "--grpc-chars", "8", "--out", str(out), *PIN]
     assert main(argv) == 0
     return out, json.loads((out / "latency.json").read_text())
 
@@ -258,6 +291,20 @@ def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run)
     measured = {r["backend"] for r in rep["records"]}
     for name in BACKENDS:  # every backend is either measured or listed with its reason
         assert name in measured or any(s["backend"] == name and s["reason"] for s in rep["skipped"]), name
+
+
+def test_quick_run_kept_the_server_and_the_load_generator_on_their_cpus(quick_run):
+    if not PIN:
+        pytest.skip("needs two usable CPUs")
+    out, rep = quick_run
+    grpc = [r for r in rep["records"] if r["mode"] == "grpc"]
+    assert grpc and all(r["details"]["server_cpus"] == [CPUS[0]] and r["details"]["client_cpus"] == [CPUS[1]]
+                        for r in grpc)
+    assert f"server on CPUs {CPUS[0]}, load generator on CPUs {CPUS[1]}" in (out / "latency.md").read_text()
+    one_stream = [t for t in rep["targets"] if t["target"] == "grpc_one_stream_2x"]
+    assert one_stream and all(t["measured"] > 0 for t in one_stream)  # judged on this run's loop and grpc records
+    loops = [r for r in rep["records"] if r["mode"] == "loop"]
+    assert {r["backend"] for r in loops} == {"torch", "ort-cpu"} and all(r["samples"] == 8 for r in loops)
 
 
 def test_quick_run_speedups_are_its_own_records_ratios(quick_run):

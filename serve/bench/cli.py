@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -34,6 +35,15 @@ PRESETS = {
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
+
+
+def _cpus(text: str) -> tuple[int, ...]:
+    """A CPU list as taskset takes it: "0,1", "2-5", "0-1,4"."""
+    out = set()
+    for part in (x.strip() for x in text.split(",") if x.strip()):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return tuple(sorted(out))
 
 
 def _strs(text: str) -> tuple[str, ...]:
@@ -62,6 +72,10 @@ class BenchConfig:
     concurrency: tuple[int, ...] = _opt((1, 8, 64), "grpc mode's concurrent streams", _ints)
     chunk_chars: tuple[int, ...] = _opt((1, 16), "grpc mode's characters per message (the requests' chunk_chars), "
                                                  "each at every --concurrency", _ints)
+    server_cpus: tuple[int, ...] = _opt((), "grpc mode: the CPUs the server and its worker processes may run on "
+                                            "(as taskset takes them: 0,1 or 0-1); default: all", _cpus)
+    client_cpus: tuple[int, ...] = _opt((), "grpc mode: the CPUs of the load generator (e.g. 2-5, apart from "
+                                            "--server-cpus, so that the two do not share cores); default: all", _cpus)
     threads: tuple[int, ...] = _opt((1,), "intra-op threads of torch and onnxruntime, comma separated: step mode "
                                           "measures the CPU backends at each (taking turns, like backends); the other "
                                           "modes, and the server they start, use the first", _ints)
@@ -95,6 +109,14 @@ class BenchConfig:
         for name in ("hidden_sizes", "batches", "concurrency", "chunk_chars", "refeed_windows", "threads"):
             if any(x < 1 for x in getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+        for name in ("server_cpus", "client_cpus"):
+            cpus = getattr(self, name)
+            if cpus and usable is None:
+                raise ValueError(f"--{name.replace('_', '-')}: this system cannot restrict a process's CPUs")
+            if cpus and not set(cpus) <= usable:
+                raise ValueError(f"--{name.replace('_', '-')}: CPUs {sorted(set(cpus) - usable)} are not among this "
+                                 f"process's usable CPUs ({','.join(map(str, sorted(usable)))})")
         if not self.threads or len(set(self.threads)) != len(self.threads):
             raise ValueError("--threads: one or more different thread counts")
         if min(self.max_calls, self.refeed_chars, self.grpc_chars, self.grpc_requests) < 1 or self.seconds <= 0:

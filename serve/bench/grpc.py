@@ -1,13 +1,14 @@
 """End to end: the real server (`python -m serve`, its own process on a free loopback port) driven by the
 load generator (clients.loadgen) at several concurrencies and message sizes.
 
-The server runs in a process of its own so that its event loop, scheduler thread and runtime do not
-share an interpreter (and a GIL) with the load generator; on a small machine they still share cores,
-and the report says how many. Readiness is the standard gRPC health check saying SERVING.
+The server and the load generator each run in a process of its own, so that they share no interpreter
+(and no GIL); on a small machine they still share cores. `cpus` keeps each on CPUs of its own (the
+server's worker processes inherit its set), and the report says where each ran. Readiness is the
+standard gRPC health check saying SERVING.
 """
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 import os
 import signal
@@ -20,11 +21,30 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from clients import loadgen
-
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: python -m serve must import from it
+
+
+def module_command(module: str, args: list[str], cpus: tuple[int, ...] = ()) -> list[str]:
+    """argv running `python -m module args`, on `cpus` only when given (set before the module is imported,
+    so every thread and child process it starts inherits it)."""
+    if not cpus:
+        return [sys.executable, "-m", module, *args]
+    pin = ("import os, runpy, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
+           "sys.argv = sys.argv[2:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", pin, ",".join(map(str, cpus)), module, *args]
+
+
+def cpus_of(pid: int) -> list[int] | None:
+    """The CPUs a running process may use (None where the system cannot say)."""
+    return sorted(os.sched_getaffinity(pid)) if hasattr(os, "sched_getaffinity") else None
+
+
+def _env(threads: int) -> dict:
+    # torch's intra-op threads follow OMP_NUM_THREADS at import; onnxruntime's follow --threads
+    return {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
 
 
 class ServerFailed(Exception):
@@ -41,27 +61,25 @@ class ServerProcess:
     """`with ServerProcess(models, backend, ...) as target:` -- a served model at target ('127.0.0.1:PORT')."""
 
     def __init__(self, models: Path, backend: str, providers: str = "", threads: int = 1, log_dir: Path = Path("."),
-                 max_batch: int = 64, start_timeout_s: float = 120.0):
+                 max_batch: int = 64, start_timeout_s: float = 120.0, cpus: tuple[int, ...] = ()):
         self.args = ["--models", str(models), "--backend", backend, "--threads", str(threads), "--host", "127.0.0.1",
                      "--max-batch", str(max_batch), "--grace-s", "1"]
         self.args += ["--providers", providers] if providers else []
-        self.threads, self.start_timeout_s = threads, start_timeout_s
+        self.threads, self.start_timeout_s, self.cpus = threads, start_timeout_s, cpus
         self.log_path = Path(log_dir) / f"server-{backend}-{providers or 'default'}-{os.getpid()}.log"
         self.proc: subprocess.Popen | None = None
 
     @property
     def command(self) -> str:
-        return "python -m serve " + " ".join(self.args + ["--port", "PORT"])
+        pin = f"taskset -c {','.join(map(str, self.cpus))} " if self.cpus else ""
+        return pin + "python -m serve " + " ".join(self.args + ["--port", "PORT"])
 
     def __enter__(self) -> str:
-        # torch's intra-op threads follow OMP_NUM_THREADS at import; onnxruntime's follow --threads
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads), "MKL_NUM_THREADS": str(self.threads),
-               "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
         for attempt in range(2):  # a free port can be taken between asking and binding: then once more
             port = free_port()
             with open(self.log_path, "wb") as out:
-                self.proc = subprocess.Popen([sys.executable, "-m", "serve", *self.args, "--port", str(port)],
-                                             stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                self.proc = subprocess.Popen(module_command("serve", [*self.args, "--port", str(port)], self.cpus),
+                                             stdout=out, stderr=subprocess.STDOUT, env=_env(self.threads), cwd=ROOT)
             target = f"127.0.0.1:{port}"
             try:
                 self._wait_serving(target)
@@ -110,12 +128,19 @@ class ServerProcess:
 
 
 def drive(target: str, concurrency: int, requests: int, max_chars: int, chunk_chars: int = 1,
-          warmup: int = 2) -> dict:
-    """clients.loadgen against target: `concurrency` streams in flight, `requests` in all, each asking for
-    `max_chars` characters streamed `chunk_chars` per message, sampled at loadgen's defaults."""
-    args = loadgen.parse_args(["--target", target, "--concurrency", str(concurrency), "--requests", str(requests),
-                               "--max-chars", str(max_chars), "--chunk-chars", str(chunk_chars),
-                               "--warmup", str(warmup), "--timeout", "600"])
-    result = asyncio.run(loadgen.run(args))
-    result["loadgen_args"] = {k: getattr(args, k) for k in ("temperature", "top_k", "chunk_chars", "warmup")}
+          warmup: int = 2, cpus: tuple[int, ...] = (), work_dir: Path = Path(".")) -> dict:
+    """`python -m clients.loadgen` (its own process, on `cpus` when given) against target: `concurrency` streams
+    in flight, `requests` in all, each asking for `max_chars` characters streamed `chunk_chars` per message,
+    sampled at loadgen's defaults. Its JSON result, with the settings it ran with."""
+    out = Path(work_dir) / f"loadgen-{os.getpid()}.json"
+    args = ["--target", target, "--concurrency", str(concurrency), "--requests", str(requests), "--max-chars",
+            str(max_chars), "--chunk-chars", str(chunk_chars), "--warmup", str(warmup), "--timeout", "600",
+            "--out", str(out)]
+    done = subprocess.run(module_command("clients.loadgen", args, cpus), env=_env(1), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not out.exists():
+        raise RuntimeError(f"clients.loadgen exited with code {done.returncode}: {done.stdout.strip()[-500:]}")
+    result = json.loads(out.read_text())
+    out.unlink()
+    result["loadgen_args"] = {k: result[k] for k in ("temperature", "top_k", "chunk_chars", "warmup")}
     return result

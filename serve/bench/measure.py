@@ -20,7 +20,7 @@ import torch
 from export.runtime import Runtime
 from serve.bench.backends import synchronize
 from train.checkpoint import load_checkpoint
-from train.sampling import generate, generate_refeed
+from train.sampling import Uniforms, generate, generate_refeed, sample
 
 QUANTILES = (50, 90, 99)
 
@@ -86,6 +86,21 @@ def time_steps(subjects: list[Subject], batch: int, seconds: float, max_calls: i
                 out.append(time.perf_counter() - t0)
             states[s.key] = state
     return {name: np.asarray(ts) for name, ts in times.items()}
+
+
+def time_loop(rt: Runtime, chars: int, temperature: float = 1.0, seed: int = 0, warmup: int = 10) -> np.ndarray:
+    """Seconds per character of the in-process generation loop a user would write around a runtime: one
+    stream, each character sampled from the last logits as the server samples (train.sampling.sample) and
+    fed to the next `step`, the state carried. What one stream through the server is compared with."""
+    rng, token = Uniforms(seed), np.zeros((1, 1), np.int64)
+    logits, state = rt.step(token, rt.new_state(1))
+    times = []
+    for _ in range(warmup + chars):
+        t0 = time.perf_counter()
+        token[0, 0] = sample(logits[0], temperature, rng=rng)
+        logits, state = rt.step(token, state)  # logits come back to the host: the call is complete
+        times.append(time.perf_counter() - t0)
+    return np.asarray(times[warmup:])
 
 
 def decoding_prompt(vocab, length: int, seed: int = 0) -> str:

@@ -15,7 +15,7 @@ from serve.bench.models import BenchModel
 
 log = logging.getLogger(__name__)
 
-FORMAT = "charrnn-latency/2"
+FORMAT = "charrnn-latency/3"
 MODES = ("step", "refeed", "grpc", "limit")  # what --modes selects; refeed also measures "carried"
 
 # --- records --------------------------------------------------------------------------------------
@@ -127,6 +127,10 @@ TARGETS = {
     "carried_20x": "carried state >= 20x faster per character than the seed's re-feeding at seq_len 50",
     "limit_3x": "batch-1 step within 3x of the machine's limit (hidden 512)",
     "gpu_3x": "TensorRT and CUDA-graph steps at batch 1 >= 3x faster than eager PyTorch on the GPU",
+    "grpc_batching_10x": "gRPC server on onnxruntime CPU: 64 streams >= 10x the characters/s of one stream "
+                         "(same chars/msg)",
+    "grpc_one_stream_2x": "gRPC server on onnxruntime CPU, one stream: time per character within 2x of the "
+                          "in-process step loop (Runtime.step + sampling, one stream)",
 }
 
 
@@ -135,7 +139,11 @@ NEEDS = {  # what each target needs that a run may lack
     "carried_20x": "it needs refeed mode (window 50)",
     "limit_3x": "it needs step and limit modes on a model at hidden 512",
     "gpu_3x": "it needs a GPU backend (tensorrt, torch-cudagraph) in step mode",
+    "grpc_batching_10x": "it needs grpc mode on ort-cpu at concurrency 1 and 64",
+    "grpc_one_stream_2x": "it needs grpc mode on ort-cpu at concurrency 1",
 }
+THRESHOLDS = {"ort_cpu_3x": (3.0, "higher"), "carried_20x": (20.0, "higher"), "limit_3x": (3.0, "lower"),
+              "gpu_3x": (3.0, "higher"), "grpc_batching_10x": (10.0, "higher"), "grpc_one_stream_2x": (2.0, "lower")}
 
 
 def _target(key: str, r: dict | None, measured: float | None, threshold: float, better: str, model: str = "",
@@ -152,7 +160,8 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
     step1 = [r for r in records if r["mode"] == "step" and r["batch"] == 1]
     ort = [r for r in step1 if r["backend"] == "ort-cpu" and r["cell"] in ("lstm", "gru")
            and r["hidden_size"] in (128, 512)]
-    out += [_target("ort_cpu_3x", r, r["speedup_vs_eager"], 3.0, "higher", note="same thread count") for r in ort]
+    out += [_target("ort_cpu_3x", r, r["speedup_vs_eager"], 3.0, "higher", note="same thread count") for r in ort
+            if r["speedup_vs_eager"] is not None]
     if len({r["threads"] for r in ort}) > 1:  # several thread counts: each side at its fastest too
         for model in dict.fromkeys(r["model"] for r in ort):
             eager = [r for r in step1 if r["model"] == model and r["backend"] == "torch" and r["precision"] == "fp32"]
@@ -176,14 +185,42 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
     out += [_target("gpu_3x", r, r["speedup_vs_eager"], 3.0, "higher",
                     note="" if r["baseline"] and r["baseline"].startswith("torch-cuda") else "baseline: eager on CPU")
             for r in gpu]
-    for key, threshold, better in (("ort_cpu_3x", 3.0, "higher"), ("carried_20x", 20.0, "higher"),
-                                   ("limit_3x", 3.0, "lower"), ("gpu_3x", 3.0, "higher")):
+    grpc = [r for r in records if r["mode"] == "grpc" and r["backend"] == "ort-cpu"]
+    one = {(r["model"], r["precision"], r["chunk_chars"]): r for r in grpc if r["concurrency"] == 1}
+    for r in grpc:
+        base = one.get((r["model"], r["precision"], r["chunk_chars"]))
+        if r["concurrency"] == 64 and base:
+            out.append(_target("grpc_batching_10x", r, speedup(base, r, "chars_per_s"), 10.0, "higher",
+                               note=f"{r['chunk_chars']} chars/msg: {r['chars_per_s']:,.0f} vs "
+                                    f"{base['chars_per_s']:,.0f} chars/s; {where(r)}"))
+    loops = {(r["model"], r["backend"], r["precision"], r["threads"]): r for r in records if r["mode"] == "loop"}
+    for r in one.values():
+        loop = loops.get((r["model"], r["backend"], r["precision"], r["threads"]))
+        if loop and r["mean_us"]:
+            out.append(_target("grpc_one_stream_2x", r, r["mean_us"] / loop["mean_us"], 2.0, "lower",
+                               note=f"{r['chunk_chars']} chars/msg: {r['mean_us']:.0f} vs {loop['mean_us']:.1f} us "
+                                    f"per character; {where(r)}"))
+    for key, (threshold, better) in THRESHOLDS.items():
         if not any(t["target"] == key for t in out):
             why = "; ".join(sorted({s["reason"].rstrip(".") for s in skipped if key == "gpu_3x" and s.get("backend") in
                                     ("tensorrt", "torch-cudagraph", "torch-cuda")}))
             out.append(_target(key, None, None, threshold, better,
                                note=f"not measured in this run: {why or NEEDS[key]}"))
     return out
+
+
+def where(r: dict) -> str:
+    """Where a grpc record's server and load generator ran."""
+    d = r["details"]
+    server, client = d.get("server_cpus"), d.get("client_cpus")
+    if server and client and not set(server) & set(client):
+        return f"server on CPUs {_cpu_list(server)}, load generator on CPUs {_cpu_list(client)}"
+    return "server and load generator sharing " + (f"CPUs {_cpu_list(server)}" if server == client and server
+                                                    else "the machine's CPUs")
+
+
+def _cpu_list(cpus: list[int]) -> str:
+    return ",".join(map(str, cpus))
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -339,7 +376,9 @@ def markdown(rep: dict) -> str:
         g = grpc[0]["details"]
         out.append(f"Each stream asks for {g['max_chars']} characters, streamed chars/msg at a time (the request's "
                    f"chunk_chars), sampled at temperature {g['loadgen']['temperature']}; {s['grpc_requests']} "
-                   "request(s) per stream (at least 8 in all). Server and load generator share the machine's cores. "
+                   f"request(s) per stream (at least 8 in all); {where(grpc[0])}. "
+                   + "".join(f"In-process step loop (Runtime.step + sampling, one stream) on {_label(r)}: "
+                             f"{r['mean_us']:.1f} us per character ({r['model']}). " for r in by("loop")) +
                    "Inter-character gaps are taken at the client, a message's gap shared equally by its characters; "
                    "messages arrive in bursts: p50 is the gap inside a burst, p99 the wait between bursts, and "
                    "mean = concurrency / aggregate chars/s (a stream's wall time per character). vs eager: aggregate "

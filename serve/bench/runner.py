@@ -15,9 +15,9 @@ import torch
 
 from serve.bench import report
 from serve.bench.backends import BACKENDS, BackendUnavailable, Exports, open_runtime, unavailable
-from serve.bench.grpc import ServerFailed, ServerProcess, drive
+from serve.bench.grpc import ServerFailed, ServerProcess, cpus_of, drive
 from serve.bench.measure import (Subject, bandwidth, describe_machine, load_average, matmul_rate, summary_us,
-                                  time_decoding, time_steps)
+                                  time_decoding, time_loop, time_steps)
 from serve.bench.models import BenchModel, find_models, random_models
 from train.checkpoint import CheckpointError
 
@@ -105,7 +105,8 @@ def _decoding_records(m: BenchModel, carried: np.ndarray, refeed: dict, chars: i
     return out
 
 
-def _grpc_record(m: BenchModel, backend: str, precision: str, result: dict, threads: int, command: str) -> dict:
+def _grpc_record(m: BenchModel, backend: str, precision: str, result: dict, threads: int,
+                 server: ServerProcess) -> dict:
     gap = result["inter_char_ms"]
     us = {"p50": gap["p50"] and gap["p50"] * 1e3, "p99": gap["p99"] and gap["p99"] * 1e3,
           "mean": result["concurrency"] / result["chars_per_s"] * 1e6 if result["chars_per_s"] else None}
@@ -113,7 +114,8 @@ def _grpc_record(m: BenchModel, backend: str, precision: str, result: dict, thre
                          chunk_chars=result["chunk_chars"], threads=threads, samples=result["chars"], us=us,
                          chars_per_s=result["chars_per_s"], ttfc_ms=result["ttfc_ms"], requests=result["requests"],
                          ok=result["ok"], errors=result["errors"], chars=result["chars"], wall_s=result["wall_s"],
-                         max_chars=result["max_chars"], loadgen=result["loadgen_args"], server=command)
+                         max_chars=result["max_chars"], loadgen=result["loadgen_args"], server=server.command,
+                         server_cpus=cpus_of(server.proc.pid), client_cpus=result["client_cpus"])
 
 
 def _server_models(backend: str, m: BenchModel, precision: str, exports: Exports) -> Path:
@@ -221,6 +223,13 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
                 time.sleep(0.1 if t > 1 else 0)  # let spinning workers settle before the next group
             progress.advance(f"{m.model_id}: step, batch {batch}")
         torch.set_num_threads(primary)
+    if "grpc" in cfg.modes:  # one stream in-process, for the server's one stream to be compared with
+        for sub in (s for s in subjects if s.threads == primary and (s.name, s.precision) in serving):
+            sub.activate()
+            secs = time_loop(sub.runtime, cfg.grpc_chars)
+            records.append(report.record(m, sub.name, "loop", precision=sub.precision, batch=1, threads=primary,
+                                         samples=len(secs), us=summary_us(secs), chars_per_s=1 / float(secs.mean()),
+                                         temperature=1.0, loop="Runtime.step + train.sampling.sample"))
     del subjects
     gc.collect()
     if "refeed" in cfg.modes:
@@ -239,12 +248,13 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
         done = 0
         try:
             server = ServerProcess(_server_models(b, m, p, exports), *BACKENDS[b].server, threads=primary,
-                                   log_dir=tmp)
+                                   log_dir=tmp, cpus=cfg.server_cpus)
             with server as target:
                 for c, k in points:
                     progress.note(f"{m.model_id}: grpc {b}, concurrency {c}, {k} chars/msg")
-                    result = drive(target, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars, k)
-                    records.append(_grpc_record(m, b, p, result, primary, server.command))
+                    result = drive(target, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars, k, cpus=cfg.client_cpus,
+                                   work_dir=tmp)
+                    records.append(_grpc_record(m, b, p, result, primary, server))
                     done += 1
                     progress.advance(f"{m.model_id}: {what}, concurrency {c}, {k} chars/msg")
         except ServerFailed as e:

@@ -142,12 +142,15 @@ NEEDS = {  # what each target needs that a run may lack
     "grpc_batching_10x": "it needs grpc mode on ort-cpu at concurrency 1 and 64",
     "grpc_one_stream_2x": "it needs grpc mode on ort-cpu at concurrency 1",
 }
-THRESHOLDS = {"ort_cpu_3x": (3.0, "higher"), "carried_20x": (20.0, "higher"), "limit_3x": (3.0, "lower"),
-              "gpu_3x": (3.0, "higher"), "grpc_batching_10x": (10.0, "higher"), "grpc_one_stream_2x": (2.0, "lower")}
+THRESHOLDS = {  # what each target asks: (threshold, whether the measure must be higher or lower)
+    "ort_cpu_3x": (3.0, "higher"), "carried_20x": (20.0, "higher"), "limit_3x": (3.0, "lower"),
+    "gpu_3x": (3.0, "higher"), "grpc_batching_10x": (10.0, "higher"), "grpc_one_stream_2x": (2.0, "lower"),
+}
 
 
-def _target(key: str, r: dict | None, measured: float | None, threshold: float, better: str, model: str = "",
-            backend: str = "", note: str = "") -> dict:
+def _target(key: str, r: dict | None, measured: float | None, model: str = "", backend: str = "",
+            note: str = "") -> dict:
+    threshold, better = THRESHOLDS[key]
     passed = None if measured is None else (measured >= threshold if better == "higher" else measured <= threshold)
     return {"target": key, "description": TARGETS[key], "model": r["model"] if r else model,
             "backend": backend or (_label(r) if r else ""), "measured": measured, "threshold": threshold,
@@ -160,7 +163,7 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
     step1 = [r for r in records if r["mode"] == "step" and r["batch"] == 1]
     ort = [r for r in step1 if r["backend"] == "ort-cpu" and r["cell"] in ("lstm", "gru")
            and r["hidden_size"] in (128, 512)]
-    out += [_target("ort_cpu_3x", r, r["speedup_vs_eager"], 3.0, "higher", note="same thread count") for r in ort
+    out += [_target("ort_cpu_3x", r, r["speedup_vs_eager"], note="same thread count") for r in ort
             if r["speedup_vs_eager"] is not None]
     if len({r["threads"] for r in ort}) > 1:  # several thread counts: each side at its fastest too
         for model in dict.fromkeys(r["model"] for r in ort):
@@ -168,21 +171,21 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
             best_ort = min((r for r in ort if r["model"] == model), key=lambda r: r["p50_us"])
             if eager:
                 best_eager = min(eager, key=lambda r: r["p50_us"])
-                out.append(_target("ort_cpu_3x", None, speedup(best_eager, best_ort, "p50_us"), 3.0, "higher",
+                out.append(_target("ort_cpu_3x", None, speedup(best_eager, best_ort, "p50_us"),
                                    model=model, backend=f"{_label(best_ort)} vs {_label(best_eager)}",
                                    note="each at its fastest thread count"))
     for r in (r for r in records if r["mode"] == "refeed" and r["details"]["window"] == 50):
         note = f"re-feeding {r['p50_us'] / 1e3:.2f} ms/char"
-        out.append(_target("carried_20x", r, r["details"].get("carried_speedup"), 20.0, "higher", backend="torch",
+        out.append(_target("carried_20x", r, r["details"].get("carried_speedup"), backend="torch",
                            note=note + "; carried: eager train.sampling.generate"))
         best = max(r["details"]["step_speedups"].items(), key=lambda kv: kv[1] or 0, default=None)
         if best and best[1]:
-            out.append(_target("carried_20x", None, best[1], 20.0, "higher", model=r["model"], backend=best[0],
+            out.append(_target("carried_20x", None, best[1], model=r["model"], backend=best[0],
                                note=note + "; carried: the fastest backend's batch-1 step (sampling excluded)"))
     big = [r for r in step1 if r["hidden_size"] == 512 and r["x_limit"] is not None]
-    out += [_target("limit_3x", r, r["x_limit"], 3.0, "lower", note=f"limit {r['limit_us']:.1f} us") for r in big]
+    out += [_target("limit_3x", r, r["x_limit"], note=f"limit {r['limit_us']:.1f} us") for r in big]
     gpu = [r for r in step1 if r["backend"] in ("tensorrt", "torch-cudagraph")]
-    out += [_target("gpu_3x", r, r["speedup_vs_eager"], 3.0, "higher",
+    out += [_target("gpu_3x", r, r["speedup_vs_eager"],
                     note="" if r["baseline"] and r["baseline"].startswith("torch-cuda") else "baseline: eager on CPU")
             for r in gpu]
     grpc = [r for r in records if r["mode"] == "grpc" and r["backend"] == "ort-cpu"]
@@ -190,21 +193,21 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
     for r in grpc:
         base = one.get((r["model"], r["precision"], r["chunk_chars"]))
         if r["concurrency"] == 64 and base:
-            out.append(_target("grpc_batching_10x", r, speedup(base, r, "chars_per_s"), 10.0, "higher",
+            out.append(_target("grpc_batching_10x", r, speedup(base, r, "chars_per_s"),
                                note=f"{r['chunk_chars']} chars/msg: {r['chars_per_s']:,.0f} vs "
                                     f"{base['chars_per_s']:,.0f} chars/s; {where(r)}"))
     loops = {(r["model"], r["backend"], r["precision"], r["threads"]): r for r in records if r["mode"] == "loop"}
     for r in one.values():
         loop = loops.get((r["model"], r["backend"], r["precision"], r["threads"]))
         if loop and r["mean_us"]:
-            out.append(_target("grpc_one_stream_2x", r, r["mean_us"] / loop["mean_us"], 2.0, "lower",
+            out.append(_target("grpc_one_stream_2x", r, r["mean_us"] / loop["mean_us"],
                                note=f"{r['chunk_chars']} chars/msg: {r['mean_us']:.0f} vs {loop['mean_us']:.1f} us "
                                     f"per character; {where(r)}"))
-    for key, (threshold, better) in THRESHOLDS.items():
+    for key in THRESHOLDS:
         if not any(t["target"] == key for t in out):
             why = "; ".join(sorted({s["reason"].rstrip(".") for s in skipped if key == "gpu_3x" and s.get("backend") in
                                     ("tensorrt", "torch-cudagraph", "torch-cuda")}))
-            out.append(_target(key, None, None, threshold, better,
+            out.append(_target(key, None, None,
                                note=f"not measured in this run: {why or NEEDS[key]}"))
     return out
 
@@ -215,8 +218,8 @@ def where(r: dict) -> str:
     server, client = d.get("server_cpus"), d.get("client_cpus")
     if server and client and not set(server) & set(client):
         return f"server on CPUs {_cpu_list(server)}, load generator on CPUs {_cpu_list(client)}"
-    return "server and load generator sharing " + (f"CPUs {_cpu_list(server)}" if server == client and server
-                                                    else "the machine's CPUs")
+    return f"server and load generator sharing CPUs {_cpu_list(server)}" if server and server == client else \
+        "server and load generator sharing the machine's CPUs"
 
 
 def _cpu_list(cpus: list[int]) -> str:

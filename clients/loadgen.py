@@ -73,7 +73,10 @@ def summarize(records: list[Record], wall_s: float) -> dict:
 
 async def run(args) -> dict:
     stub = api.aio_stub(args.target)
-    models = {m.id: m for m in (await stub.ListModels(pb.ListModelsRequest(), timeout=10)).models}
+    try:
+        models = {m.id: m for m in (await stub.ListModels(pb.ListModelsRequest(), timeout=10)).models}
+    except grpc.aio.AioRpcError as e:
+        raise SystemExit(f"error: {args.target}: {e.code().name}: {e.details()}") from None
     if not models:
         raise SystemExit("the server has no models")
     model = models.get(args.model or next(iter(models)))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from conftest import make_checkpoint
@@ -56,3 +57,12 @@ def test_loadgen_reports_and_writes_json(served, tmp_path, capsys):
     assert set(result["ttfc_ms"]) == {"p50", "p90", "p99", "mean"}
     assert set(result["inter_char_ms"]) == {"p50", "p99", "mean"}
     assert "aggregate" in capsys.readouterr().out
+
+
+def test_loadgen_says_when_it_cannot_reach_the_server(tmp_path):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SystemExit, match=f"error: 127.0.0.1:{port}: UNAVAILABLE"):
+        loadgen.main(["--target", f"127.0.0.1:{port}", "--requests", "1", "--out", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()

@@ -4,6 +4,7 @@
     python -m serve.bench --quick               # LSTM/GRU x hidden 128/512, short timings (about a minute on 2 cores)
     python -m serve.bench --models runs/seed-p23 --backends torch,ort-cpu --modes step,limit
     python -m serve.bench --quick --threads 1,2 --modes step,limit   # each CPU backend at 1 and 2 threads
+    python -m serve.bench --quick --modes grpc --server-cpus 0,1 --client-cpus 2,3   # load generator apart
 """
 from __future__ import annotations
 

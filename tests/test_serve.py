@@ -267,7 +267,7 @@ def test_onnxruntime_backend_equals_eager(ort_server, eager, cell):
 
 
 def test_a_server_of_exports_never_loads_torch(ort_server):
-    """torch costs a process ~1 s to import and ~185 MB; a server of exports (front end and workers) needs none of it."""
+    """torch costs a process ~1 s to import and ~185 MB; a server of exports (front end, workers) needs none of it."""
     code = "import sys, serve.server, clients.generate, clients.loadgen; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
     workers = ort_server.server.engine.pool.workers

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from export.runtime import OrtRuntime, Runtime, TorchRuntime
+
 log = logging.getLogger(__name__)
 
 # "config.json" is train.checkpoint.CONFIG, spelled out: importing train.checkpoint would load torch,

@@ -78,7 +78,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         return pb.ListModelsResponse(models=[model_info_to_pb(m) for m in self.engine.models()])
 
     async def Generate(self, request, context):
-        # context.write rather than yield: ~25% less CPU per message in grpc.aio than an async generator
+        # context.write rather than yield: no async-generator layer per message, and the interceptor
+        # wraps every method the same way (a coroutine)
         async for chunk in self.engine.generate(generate_request_from_pb(request)):
             await context.write(chunk_to_pb(chunk))
 

@@ -223,7 +223,8 @@ def test_grpc_targets_compare_64_streams_with_one_and_one_stream_with_the_in_pro
         r["mean_us"] = mean_us
         return r
 
-    records = [rec("ort-cpu", "loop", p50=40.0), grpc(1, 5000.0, 1, mean_us=200.0), grpc(64, 60000.0, 1),
+    records = [rec("ort-cpu", "loop", p50=40.0), rec("ort-cpu", "loop", p50=4.0, batch=64, cps=250000.0),
+               grpc(1, 5000.0, 1, mean_us=200.0), grpc(64, 60000.0, 1),
                grpc(1, 10000.0, 16, mean_us=70.0), grpc(64, 90000.0, 16)]
     targets = [t for t in report.evaluate_targets(records, []) if t["target"].startswith("grpc")]
     batching = {t["note"].split(" ")[0]: t for t in targets if t["target"] == "grpc_batching_10x"}
@@ -233,6 +234,7 @@ def test_grpc_targets_compare_64_streams_with_one_and_one_stream_with_the_in_pro
     assert latency["1"]["measured"] == 5.0 and latency["1"]["passed"] is False
     assert latency["16"]["measured"] == 1.75 and latency["16"]["passed"]
     assert all("server on CPUs 0,1, load generator on CPUs 2,3" in t["note"] for t in targets)
+    assert "in-process 10.0x" in batching["1"]["note"]  # the loop: 64 / 4 us per character against 1 / 40 us
     missing = {t["target"]: t for t in report.evaluate_targets([rec("ort-cpu", p50=40.0)], [])}
     assert missing["grpc_batching_10x"]["passed"] is None
     assert "concurrency 1 and 64" in missing["grpc_batching_10x"]["note"]
@@ -305,7 +307,8 @@ def test_quick_run_kept_the_server_and_the_load_generator_on_their_cpus(quick_ru
     one_stream = [t for t in rep["targets"] if t["target"] == "grpc_one_stream_2x"]
     assert one_stream and all(t["measured"] > 0 for t in one_stream)  # judged on this run's loop and grpc records
     loops = [r for r in rep["records"] if r["mode"] == "loop"]
-    assert {r["backend"] for r in loops} == {"torch", "ort-cpu"} and all(r["samples"] == 8 for r in loops)
+    assert {(r["backend"], r["batch"]) for r in loops} == {(b, c) for b in ("torch", "ort-cpu") for c in (1, 8)}
+    assert all(r["samples"] == 8 for r in loops)
 
 
 def test_quick_run_speedups_are_its_own_records_ratios(quick_run):

@@ -223,13 +223,15 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
                 time.sleep(0.1 if t > 1 else 0)  # let spinning workers settle before the next group
             progress.advance(f"{m.model_id}: step, batch {batch}")
         torch.set_num_threads(primary)
-    if "grpc" in cfg.modes:  # one stream in-process, for the server's one stream to be compared with
+    if "grpc" in cfg.modes:  # the server's streams in-process: what gRPC is compared with
         for sub in (s for s in subjects if s.threads == primary and (s.name, s.precision) in serving):
             sub.activate()
-            secs = time_loop(sub.runtime, cfg.grpc_chars)
-            records.append(report.record(m, sub.name, "loop", precision=sub.precision, batch=1, threads=primary,
-                                         samples=len(secs), us=summary_us(secs), chars_per_s=1 / float(secs.mean()),
-                                         temperature=1.0, loop="Runtime.step + train.sampling.sample"))
+            for c in cfg.concurrency:
+                secs = time_loop(sub.runtime, cfg.grpc_chars, c)
+                records.append(report.record(m, sub.name, "loop", precision=sub.precision, batch=c, threads=primary,
+                                             samples=len(secs), us=summary_us(secs, c),
+                                             chars_per_s=c / float(secs.mean()), temperature=1.0,
+                                             loop="Runtime.step + train.sampling.sample_many"))
     del subjects
     gc.collect()
     if "refeed" in cfg.modes:

@@ -40,6 +40,7 @@ from serve.backends import BackendError, find_models, open_runtimes, resolve_pro
 from serve.errors import ServeError, Unavailable
 from serve.metrics import ModelMetrics
 from serve.scheduler import Scheduler, Stream
+from serve.streams import GenerationStream  # noqa: F401  the streams it unpickles: loaded at start, not by request 1
 from serve.types import Chunk
 from train.vocab import Vocab, VocabError
 

@@ -279,6 +279,14 @@ def test_a_server_of_exports_never_loads_torch(ort_server):
             assert "onnxruntime" in maps.read_text()
 
 
+def test_the_server_loads_at_start_what_a_first_request_would_load():
+    """numpy loads numpy.random lazily (~18 ms), and a worker would load the stream classes when it unpickles
+    its first stream: both at start, so the first request's first character is not late (it was by ~15 ms)."""
+    for module in ("serve.server", "serve.workers"):
+        code = f"import sys, {module}; sys.exit(not {{'numpy.random', 'serve.streams'}} <= set(sys.modules))"
+        assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0, module
+
+
 def test_model_files_name_the_checkpoint_config():
     from serve.backends import MODEL_FILES
     from train.checkpoint import CONFIG

@@ -11,14 +11,12 @@ import pytest
 import torch
 from conftest import make_checkpoint
 
-jsonschema = pytest.importorskip("jsonschema")
-
-from serve.bench import report  # noqa: E402
-from serve.bench.backends import BACKENDS, CudaGraphRuntime, unavailable  # noqa: E402
-from serve.bench.cli import BenchConfig, main, parse_args  # noqa: E402
-from serve.bench.measure import Subject, summary_us, time_steps  # noqa: E402
-from serve.bench.models import BenchModel, find_models  # noqa: E402
-from train.checkpoint import CheckpointError  # noqa: E402
+from serve.bench import report
+from serve.bench.backends import BACKENDS, CudaGraphRuntime, unavailable
+from serve.bench.cli import BenchConfig, main, parse_args
+from serve.bench.measure import Subject, summary_us, time_steps
+from serve.bench.models import BenchModel, find_models
+from train.checkpoint import CheckpointError
 
 MODEL = BenchModel(path=None, model_id="lstm-h512-fc1-s50", cell="lstm", hidden_size=512, fc_layers=1, vocab_size=65,
                    seq_len=50, weights="random")
@@ -279,6 +277,7 @@ def test_quick_run_writes_every_file(quick_run):
 
 
 def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run):
+    jsonschema = pytest.importorskip("jsonschema")  # a dev dependency; the other tests run without it
     _, rep = quick_run
     jsonschema.validate(rep, report.schema())
     modes = {(r["mode"], r["backend"]) for r in rep["records"]}
@@ -322,6 +321,7 @@ def test_quick_run_speedups_are_its_own_records_ratios(quick_run):
 
 
 def test_schema_rejects_a_malformed_report(quick_run):
+    jsonschema = pytest.importorskip("jsonschema")
     _, rep = quick_run
     for damage in (lambda r: r["records"][0].pop("p50_us"), lambda r: r["records"][0].update(mode="fast"),
                    lambda r: r["records"][0].update(extra=1), lambda r: r.pop("machine"),

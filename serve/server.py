@@ -78,8 +78,9 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         return pb.ListModelsResponse(models=[model_info_to_pb(m) for m in self.engine.models()])
 
     async def Generate(self, request, context):
-        # context.write rather than yield: no async-generator layer per message, and the interceptor
-        # wraps every method the same way (a coroutine)
+        # context.write, not yield: a cancel or an expired deadline then lands in this coroutine, so the
+        # interceptor counts the status it ended with. With yield it could land in grpc's own send, outside
+        # the generator, which was closed later and counted as OK (tests/test_serve.py, the deadline test).
         async for chunk in self.engine.generate(generate_request_from_pb(request)):
             await context.write(chunk_to_pb(chunk))
 
@@ -100,7 +101,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         method = details.method.rsplit("/", 1)[1]
         io = {"request_deserializer": handler.request_deserializer,
               "response_serializer": handler.response_serializer}
-        if handler.unary_stream:  # Generate writes its messages (context.write): a coroutine too
+        if handler.unary_stream:  # Generate writes its messages (context.write): a coroutine too, no generator
             return grpc.unary_stream_rpc_method_handler(self._wrap(method, handler.unary_stream), **io)
         return grpc.unary_unary_rpc_method_handler(self._wrap(method, handler.unary_unary), **io)
 

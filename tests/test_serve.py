@@ -415,11 +415,16 @@ def test_a_stalled_client_pauses_its_stream(models_dir, eager):
 
 def test_deadline_is_honoured(small):
     stub = api.stub(small.target)
+    counted = 'charrnn_requests_total{code="%s",method="Generate"}'
+    before = {code: metric(small, counted % code) for code in ("OK", "DEADLINE_EXCEEDED")}
     t0 = time.monotonic()
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(api.generate_request(model_name("rnn"), "the ", BIG), timeout=0.3))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 5
     assert wait_until(lambda: active_streams(small) == 0 and small.server.engine.in_flight == 0)
+    # counted as what it was, not as OK (as when a cancel landed in grpc's own send, outside the handler)
+    assert wait_until(lambda: metric(small, counted % "DEADLINE_EXCEEDED") == before["DEADLINE_EXCEEDED"] + 1)
+    assert metric(small, counted % "OK") == before["OK"]
     assert small.server.engine.schedulers[model_name("lstm")].worker.streams == {}  # nothing left behind
     assert run(stub, **GOOD)[2].finish_reason == pb.FINISH_REASON_LENGTH
 

@@ -217,7 +217,7 @@ def test_step_timer_interleaves_backends_and_counts_calls(tmp_path):
 def test_grpc_targets_compare_64_streams_with_one_and_one_stream_with_the_in_process_loop():
     def grpc(concurrency, cps, chunk_chars, mean_us=None):
         r = rec("ort-cpu", "grpc", p50=None, batch=None, concurrency=concurrency, cps=cps, chunk_chars=chunk_chars,
-                server_cpus=[0, 1], client_cpus=[2, 3])
+                server_cpus=[0, 1], client_cpus=[2, 3], max_chars=500)
         r["mean_us"] = mean_us
         return r
 
@@ -231,7 +231,8 @@ def test_grpc_targets_compare_64_streams_with_one_and_one_stream_with_the_in_pro
     latency = {t["note"].split(" ")[0]: t for t in targets if t["target"] == "grpc_one_stream_2x"}
     assert latency["1"]["measured"] == 5.0 and latency["1"]["passed"] is False
     assert latency["16"]["measured"] == 1.75 and latency["16"]["passed"]
-    assert all("server on CPUs 0,1, load generator on CPUs 2,3" in t["note"] for t in targets)
+    assert all("500 per request" in t["note"] and "server on CPUs 0,1, load generator on CPUs 2,3" in t["note"]
+               for t in targets)
     assert "in-process 10.0x" in batching["1"]["note"]  # the loop: 64 / 4 us per character against 1 / 40 us
     missing = {t["target"]: t for t in report.evaluate_targets([rec("ort-cpu", p50=40.0)], [])}
     assert missing["grpc_batching_10x"]["passed"] is None

@@ -198,14 +198,15 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
             lo1, lo64 = (loops.get((r["model"], r["backend"], r["precision"], r["threads"], b)) for b in (1, 64))
             ceiling = f"; in-process {speedup(lo1, lo64, 'chars_per_s'):.1f}x" if lo1 and lo64 else ""
             out.append(_target("grpc_batching_10x", r, speedup(base, r, "chars_per_s"),
-                               note=f"{r['chunk_chars']} chars/msg: {r['chars_per_s']:,.0f} vs "
-                                    f"{base['chars_per_s']:,.0f} chars/s{ceiling}; {where(r)}"))
+                               note=f"{r['chunk_chars']} chars/msg, {r['details']['max_chars']} per request: "
+                                    f"{r['chars_per_s']:,.0f} vs {base['chars_per_s']:,.0f} chars/s{ceiling}; "
+                                    f"{where(r)}"))
     for r in one.values():
         loop = loops.get((r["model"], r["backend"], r["precision"], r["threads"], 1))
         if loop and r["mean_us"]:
             out.append(_target("grpc_one_stream_2x", r, r["mean_us"] / loop["mean_us"],
-                               note=f"{r['chunk_chars']} chars/msg: {r['mean_us']:.0f} vs {loop['mean_us']:.1f} us "
-                                    f"per character; {where(r)}"))
+                               note=f"{r['chunk_chars']} chars/msg, {r['details']['max_chars']} per request: "
+                                    f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character; {where(r)}"))
     for key in THRESHOLDS:
         if not any(t["target"] == key for t in out):
             why = "; ".join(sorted({s["reason"].rstrip(".") for s in skipped if key == "gpu_3x" and s.get("backend") in

@@ -466,6 +466,15 @@ def plots(rep: dict, out: Path) -> list[Path]:
         plt.close(fig)
         files.append(out / name)
 
+    def save_bars(fig, ax, groups: list[str], width: float, ylabel: str, title: str, name: str):
+        """The grouped bar charts' common tail: one tick per group, a log scale, labels, legend, file."""
+        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))], groups, rotation=30, ha="right")
+        ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+        save(fig, name)
+
     step = [r for r in recs if r["mode"] == "step"]
     models = list(dict.fromkeys(r["model"] for r in step))
     labels = list(dict.fromkeys(_label(r) for r in step))
@@ -478,12 +487,8 @@ def plots(rep: dict, out: Path) -> list[Path]:
             p50 = [rows[mod]["p50_us"] for mod in models if mod in rows]
             p99 = [rows[mod]["p99_us"] - rows[mod]["p50_us"] for mod in models if mod in rows]
             ax.bar(xs, p50, width, yerr=[[0] * len(p50), p99], capsize=2, label=lab)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models, rotation=30, ha="right")
-        ax.set_yscale("log")
-        ax.set_ylabel("us per character (p50, whisker p99)")
-        ax.set_title("Step at batch 1, state carried")
-        ax.legend(fontsize=8)
-        save(fig, "step_batch1.png")
+        save_bars(fig, ax, models, width, "us per character (p50, whisker p99)", "Step at batch 1, state carried",
+                  "step_batch1.png")
         if len({r["batch"] for r in step}) > 1:
             cols = min(3, len(models))
             rows_n = -(-len(models) // cols)
@@ -519,12 +524,8 @@ def plots(rep: dict, out: Path) -> list[Path]:
         for j, (kind, vals) in enumerate(bars.items()):
             ax.bar([i + j * width for i, mod in enumerate(mods) if mod in vals],
                    [vals[mod] for mod in mods if mod in vals], width, label=kind)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(mods))], mods, rotation=30, ha="right")
-        ax.set_yscale("log")
-        ax.set_ylabel("seconds per 1000 characters (p50)")
-        ax.set_title("Carried state vs the seed's re-feeding (greedy, batch 1)")
-        ax.legend(fontsize=8)
-        save(fig, "decoding.png")
+        save_bars(fig, ax, mods, width, "seconds per 1000 characters (p50)",
+                  "Carried state vs the seed's re-feeding (greedy, batch 1)", "decoding.png")
     grpc = [r for r in recs if r["mode"] == "grpc"]
     if grpc:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -559,10 +560,6 @@ def plots(rep: dict, out: Path) -> list[Path]:
                    [rows[mod]["x_limit"] for mod in models if mod in rows], width, label=lab)
         for y in (1, 3):
             ax.axhline(y, color="grey", lw=0.8, ls="--")
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(models))], models, rotation=30, ha="right")
-        ax.set_yscale("log")
-        ax.set_ylabel("measured / machine limit (batch 1)")
-        ax.set_title("How far each step is from what the machine allows")
-        ax.legend(fontsize=8)
-        save(fig, "limit.png")
+        save_bars(fig, ax, models, width, "measured / machine limit (batch 1)",
+                  "How far each step is from what the machine allows", "limit.png")
     return files

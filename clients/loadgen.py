@@ -5,7 +5,8 @@
 Client-side figures: time to first character (request sent -> first text received), inter-character
 latency (the gap between consecutive messages of a stream, shared equally by the characters of the later
 message; exact at --chunk-chars 1), aggregate characters per second (all characters received / wall time
-of the run) and errors by status code. Printed, and written as JSON to --out.
+of the run) and errors by status code; also the CPU time this client used while timing (a load generator
+that needs a whole core measures itself, not the server). Printed, and written as JSON to --out.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ import numpy as np
 from clients import api
 from protos.charrnn.v1 import charrnn_pb2 as pb
 
+TIMING = "timing"  # starts the line printed as the timed requests begin (after the warm-up)
 PROMPTS = ("The ", "And ", "What ", "KING:\n", "First Citizen:\n", "O, ", "I ", "the ", "a ")
 
 
@@ -98,20 +100,23 @@ async def run(args) -> dict:
         for i in todo:  # a shared iterator: each request is taken once
             records.append(await one(stub, request(i), args.timeout))
 
-    t0 = time.perf_counter()
+    print(f"{TIMING} {args.requests} requests, {args.concurrency} at a time", flush=True)
+    t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     config = {k: getattr(args, k) for k in ("target", "concurrency", "requests", "max_chars", "chunk_chars",
                                               "temperature", "top_k", "warmup")}
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None  # where this client ran
-    return {"model": model.id, "backend": model.backend, **config, "client_cpus": cpus, **summarize(records, wall)}
+    return {"model": model.id, "backend": model.backend, **config, "client_cpus": cpus, "client_cpu_s": cpu,
+            **summarize(records, wall)}
 
 
 def report(r: dict) -> str:
     f = lambda d: " ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in d.items())  # noqa: E731
     return (f"{r['model']} ({r['backend']}) concurrency {r['concurrency']}: {r['ok']}/{r['requests']} ok, "
             f"errors {r['errors'] or 0}\n"
-            f"  aggregate {r['chars_per_s']:.0f} chars/s ({r['chars']} chars in {r['wall_s']:.2f} s)\n"
+            f"  aggregate {r['chars_per_s']:.0f} chars/s ({r['chars']} chars in {r['wall_s']:.2f} s; "
+            f"this client used {r['client_cpu_s'] / r['wall_s'] if r['wall_s'] else 0:.2f} CPU cores)\n"
             f"  time to first char ms: {f(r['ttfc_ms'])}\n"
             f"  inter-char latency ms: {f(r['inter_char_ms'])}")
 

@@ -217,7 +217,8 @@ def test_step_timer_interleaves_backends_and_counts_calls(tmp_path):
 def test_grpc_targets_compare_64_streams_with_one_and_one_stream_with_the_in_process_loop():
     def grpc(concurrency, cps, chunk_chars, mean_us=None):
         r = rec("ort-cpu", "grpc", p50=None, batch=None, concurrency=concurrency, cps=cps, chunk_chars=chunk_chars,
-                server_cpus=[0, 1], client_cpus=[2, 3], max_chars=500)
+                server_cpus=[0, 1], client_cpus=[2, 3], max_chars=500, wall_s=2.0,
+                server_cpu_s={"front": 1.0, "workers": 1.8}, client_cpu_s=0.9)
         r["mean_us"] = mean_us
         return r
 
@@ -232,6 +233,8 @@ def test_grpc_targets_compare_64_streams_with_one_and_one_stream_with_the_in_pro
     assert latency["1"]["measured"] == 5.0 and latency["1"]["passed"] is False
     assert latency["16"]["measured"] == 1.75 and latency["16"]["passed"]
     assert all("500 per request" in t["note"] and "server on CPUs 0,1, load generator on CPUs 2,3" in t["note"]
+               for t in targets)
+    assert all("CPU cores busy: server 0.50 (front end) + 0.90 (workers), load generator 0.45, of 4" in t["note"]
                for t in targets)
     assert "in-process 10.0x" in batching["1"]["note"]  # the loop: 64 / 4 us per character against 1 / 40 us
     missing = {t["target"]: t for t in report.evaluate_targets([rec("ort-cpu", p50=40.0)], [])}
@@ -292,6 +295,11 @@ def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run)
     assert all(r["details"]["loadgen"]["chunk_chars"] == r["chunk_chars"] for r in grpc)
     assert rep["settings"]["chunk_chars"] == [1, 4]
     assert all(r["details"]["errors"] == {} for r in rep["records"] if r["mode"] == "grpc")
+    assert all(r["details"]["client_cpu_s"] > 0 for r in grpc)  # what each side of the run kept busy
+    if os.path.exists("/proc/self/stat"):
+        servers = [r["details"]["server_cpu_s"] for r in grpc]
+        assert all(s["front"] >= 0 and s["workers"] >= 0 for s in servers)
+        assert sum(s["workers"] for s in servers) > 0  # the model steps in the worker processes
     measured = {r["backend"] for r in rep["records"]}
     for name in BACKENDS:  # every backend is either measured or listed with its reason
         assert name in measured or any(s["backend"] == name and s["reason"] for s in rep["skipped"]), name

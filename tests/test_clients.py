@@ -56,7 +56,10 @@ def test_loadgen_reports_and_writes_json(served, tmp_path, capsys):
     assert result["model"] == ck.model_id and result["chars_per_s"] > 0
     assert set(result["ttfc_ms"]) == {"p50", "p90", "p99", "mean"}
     assert set(result["inter_char_ms"]) == {"p50", "p99", "mean"}
-    assert "aggregate" in capsys.readouterr().out
+    assert 0 < result["client_cpu_s"]
+    printed = capsys.readouterr().out
+    assert printed.startswith("timing 8 requests, 4 at a time\n")  # serve.bench reads the server's CPU from here
+    assert "aggregate" in printed and "this client used" in printed
 
 
 def test_loadgen_says_when_it_cannot_reach_the_server(tmp_path):

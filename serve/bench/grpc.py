@@ -3,8 +3,8 @@ load generator (clients.loadgen) at several concurrencies and message sizes.
 
 The server and the load generator each run in a process of its own, so that they share no interpreter
 (and no GIL); on a small machine they still share cores. `cpus` keeps each on CPUs of its own (the
-server's worker processes inherit its set), and the report says where each ran. Readiness is the
-standard gRPC health check saying SERVING.
+server's worker processes inherit its set), and the report says where each ran and how many cores each kept
+busy. Readiness is the standard gRPC health check saying SERVING.
 """
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from clients import loadgen
+
 log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: python -m serve must import from it
@@ -34,6 +36,30 @@ def module_command(module: str, args: list[str], cpus: tuple[int, ...] = ()) -> 
     pin = ("import os, runpy, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); "
            "sys.argv = sys.argv[2:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")
     return [sys.executable, "-c", pin, ",".join(map(str, cpus)), module, *args]
+
+
+def cpu_seconds(pid: int) -> dict[str, float] | None:
+    """CPU time (user + system) used so far by a process ("front") and by its child processes together
+    ("workers": the server's model workers), read from /proc; None where there is no /proc."""
+    try:
+        front = _cpu_s(Path(f"/proc/{pid}/stat").read_text())
+        procs = [p for p in Path("/proc").iterdir() if p.name.isdigit()]
+    except OSError:
+        return None
+    workers = 0.0
+    for p in procs:
+        try:
+            stat = (p / "stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # its parent
+            workers += _cpu_s(stat)
+    return {"front": front, "workers": workers}
+
+
+def _cpu_s(stat: str) -> float:
+    fields = stat.rsplit(")", 1)[1].split()  # after the command name, which may hold spaces: state, ppid, ...
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def cpus_of(pid: int) -> list[int] | None:
@@ -80,7 +106,7 @@ class ServerProcess:
             with open(self.log_path, "wb") as out:
                 self.proc = subprocess.Popen(module_command("serve", [*self.args, "--port", str(port)], self.cpus),
                                              stdout=out, stderr=subprocess.STDOUT, env=_env(self.threads), cwd=ROOT)
-            target = f"127.0.0.1:{port}"
+            self.target = target = f"127.0.0.1:{port}"
             try:
                 self._wait_serving(target)
                 return target
@@ -127,20 +153,29 @@ class ServerProcess:
         return " | ".join(text[-lines:]) or "(empty log)"
 
 
-def drive(target: str, concurrency: int, requests: int, max_chars: int, chunk_chars: int = 1,
+def drive(server: ServerProcess, concurrency: int, requests: int, max_chars: int, chunk_chars: int = 1,
           warmup: int = 2, cpus: tuple[int, ...] = (), work_dir: Path = Path(".")) -> dict:
-    """`python -m clients.loadgen` (its own process, on `cpus` when given) against target: `concurrency` streams
-    in flight, `requests` in all, each asking for `max_chars` characters streamed `chunk_chars` per message,
-    sampled at loadgen's defaults. Its JSON result, with the settings it ran with."""
+    """`python -m clients.loadgen` (its own process, on `cpus` when given) against the running server:
+    `concurrency` streams in flight, `requests` in all, each asking for `max_chars` characters streamed
+    `chunk_chars` per message, sampled at loadgen's defaults. Its JSON result, with the settings it ran with and
+    the CPU time the server used while the load generator timed (`server_cpu_s`: from loadgen's line saying it
+    starts timing to its exit; None without /proc)."""
     out = Path(work_dir) / f"loadgen-{os.getpid()}.json"
-    args = ["--target", target, "--concurrency", str(concurrency), "--requests", str(requests), "--max-chars",
+    args = ["--target", server.target, "--concurrency", str(concurrency), "--requests", str(requests), "--max-chars",
             str(max_chars), "--chunk-chars", str(chunk_chars), "--warmup", str(warmup), "--timeout", "600",
             "--out", str(out)]
-    done = subprocess.run(module_command("clients.loadgen", args, cpus), env=_env(1), cwd=ROOT,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    before, lines = None, []
+    with subprocess.Popen(module_command("clients.loadgen", args, cpus), env=_env(1), cwd=ROOT,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if before is None and line.startswith(loadgen.TIMING):
+                before = cpu_seconds(server.proc.pid)
+    after = cpu_seconds(server.proc.pid)  # the server is idle again once the timed requests are done
     if not out.exists():
-        raise RuntimeError(f"clients.loadgen exited with code {done.returncode}: {done.stdout.strip()[-500:]}")
+        raise RuntimeError(f"clients.loadgen exited with code {proc.returncode}: {''.join(lines).strip()[-500:]}")
     result = json.loads(out.read_text())
     out.unlink()
     result["loadgen_args"] = {k: result[k] for k in ("temperature", "top_k", "chunk_chars", "warmup")}
+    result["server_cpu_s"] = {k: after[k] - before[k] for k in after} if before and after else None
     return result

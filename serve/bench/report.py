@@ -15,7 +15,7 @@ from serve.bench.models import BenchModel
 
 log = logging.getLogger(__name__)
 
-FORMAT = "charrnn-latency/3"
+FORMAT = "charrnn-latency/4"
 MODES = ("step", "refeed", "grpc", "limit")  # what --modes selects; refeed also measures "carried"
 
 # --- records --------------------------------------------------------------------------------------
@@ -200,13 +200,14 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
             out.append(_target("grpc_batching_10x", r, speedup(base, r, "chars_per_s"),
                                note=f"{r['chunk_chars']} chars/msg, {r['details']['max_chars']} per request: "
                                     f"{r['chars_per_s']:,.0f} vs {base['chars_per_s']:,.0f} chars/s{ceiling}; "
-                                    f"{where(r)}"))
+                                    f"{where(r)}{cpu_use(r)}"))
     for r in one.values():
         loop = loops.get((r["model"], r["backend"], r["precision"], r["threads"], 1))
         if loop and r["mean_us"]:
             out.append(_target("grpc_one_stream_2x", r, r["mean_us"] / loop["mean_us"],
                                note=f"{r['chunk_chars']} chars/msg, {r['details']['max_chars']} per request: "
-                                    f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character; {where(r)}"))
+                                    f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character; {where(r)}"
+                                    f"{cpu_use(r)}"))
     for key in THRESHOLDS:
         if not any(t["target"] == key for t in out):
             why = "; ".join(sorted({s["reason"].rstrip(".") for s in skipped if key == "gpu_3x" and s.get("backend") in
@@ -224,6 +225,21 @@ def where(r: dict) -> str:
         return f"server on CPUs {_cpu_list(server)}, load generator on CPUs {_cpu_list(client)}"
     return f"server and load generator sharing CPUs {_cpu_list(server)}" if server and server == client else \
         "server and load generator sharing the machine's CPUs"
+
+
+def cpu_use(r: dict, short: bool = False) -> str:
+    """The CPU cores a grpc record's server (front end + worker processes) and load generator kept busy while
+    timed ("" where not measured); short: the figures alone, for a table."""
+    d = r["details"]
+    server, client, wall = d.get("server_cpu_s"), d.get("client_cpu_s"), d["wall_s"]
+    if not server or client is None or not wall:
+        return "-" if short else ""
+    front, workers, client = server["front"] / wall, server["workers"] / wall, client / wall
+    if short:
+        return f"{front:.2f} + {workers:.2f} / {client:.2f}"
+    cpus = len(set(d.get("server_cpus") or []) | set(d.get("client_cpus") or []))
+    return (f"; CPU cores busy: server {front:.2f} (front end) + {workers:.2f} (workers), load generator "
+            f"{client:.2f}" + (f", of {cpus}" if cpus else ""))
 
 
 def _cpu_list(cpus: list[int]) -> str:
@@ -389,16 +405,20 @@ def markdown(rep: dict) -> str:
                    "Inter-character gaps are taken at the client, a message's gap shared equally by its characters; "
                    "messages arrive in bursts: p50 is the gap inside a burst, p99 the wait between bursts, and "
                    "mean = concurrency / aggregate chars/s (a stream's wall time per character). vs eager: aggregate "
-                   "chars/s over the torch-backed server's at the same concurrency and chars/msg.\n")
+                   "chars/s over the torch-backed server's at the same concurrency and chars/msg. CPU cores: CPU time "
+                   "/ wall time while timed, of the server's front end + its worker processes / of the load "
+                   "generator.\n")
         out.append(_table(["model", "backend", "concurrency", "chars/msg", "TTFC p50 ms", "TTFC p99 ms",
-                           "inter-char p50 ms", "inter-char p99 ms", "mean ms/char", "chars/s", "vs eager", "errors"],
+                           "inter-char p50 ms", "inter-char p99 ms", "mean ms/char", "chars/s", "vs eager",
+                           "CPU cores", "errors"],
                           [[r["model"], _label(r), r["concurrency"], r["chunk_chars"],
                             _us(r["details"]["ttfc_ms"]["p50"]),
                             _us(r["details"]["ttfc_ms"]["p99"]), _ms(r["p50_us"]), _ms(r["p99_us"]), _ms(r["mean_us"]),
-                            _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]), sum(r["details"]["errors"].values())]
+                            _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]), cpu_use(r, short=True),
+                            sum(r["details"]["errors"].values())]
                            for r in grpc]
                           + [[r["model"], _label(r), r["batch"], "in-process", "-", "-", "-", "-",
-                              _ms(r["batch"] / r["chars_per_s"] * 1e6), _n(r["chars_per_s"]), "-", "-"]
+                              _ms(r["batch"] / r["chars_per_s"] * 1e6), _n(r["chars_per_s"]), "-", "-", "-"]
                              for r in by("loop")]))
     lim = by("limit")
     if lim:

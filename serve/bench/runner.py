@@ -115,7 +115,8 @@ def _grpc_record(m: BenchModel, backend: str, precision: str, result: dict, thre
                          chars_per_s=result["chars_per_s"], ttfc_ms=result["ttfc_ms"], requests=result["requests"],
                          ok=result["ok"], errors=result["errors"], chars=result["chars"], wall_s=result["wall_s"],
                          max_chars=result["max_chars"], loadgen=result["loadgen_args"], server=server.command,
-                         server_cpus=cpus_of(server.proc.pid), client_cpus=result["client_cpus"])
+                         server_cpus=cpus_of(server.proc.pid), client_cpus=result["client_cpus"],
+                         server_cpu_s=result["server_cpu_s"], client_cpu_s=result["client_cpu_s"])
 
 
 def _server_models(backend: str, m: BenchModel, precision: str, exports: Exports) -> Path:
@@ -251,10 +252,10 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
         try:
             server = ServerProcess(_server_models(b, m, p, exports), *BACKENDS[b].server, threads=primary,
                                    log_dir=tmp, cpus=cfg.server_cpus)
-            with server as target:
+            with server:
                 for c, k in points:
                     progress.note(f"{m.model_id}: grpc {b}, concurrency {c}, {k} chars/msg")
-                    result = drive(target, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars, k, cpus=cfg.client_cpus,
+                    result = drive(server, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars, k, cpus=cfg.client_cpus,
                                    work_dir=tmp)
                     records.append(_grpc_record(m, b, p, result, primary, server))
                     done += 1

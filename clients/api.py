@@ -25,11 +25,12 @@ def aio_stub(target: str = DEFAULT_TARGET) -> pb_grpc.GeneratorStub:
 
 def generate_request(model: str, prompt: str = "", max_chars: int = 0, temperature: float = 0.0, top_k: int = 0,
                      top_p: float | None = None, seed: int | None = None, stop: tuple[str, ...] = (),
-                     session_id: str = "", chunk_chars: int = 0, require_session: bool = False) -> pb.GenerateRequest:
+                     session_id: str = "", chunk_chars: int = 0, require_session: bool = False,
+                     coalesce: bool = False) -> pb.GenerateRequest:
     """A GenerateRequest; top_p and seed stay unset (server defaults) when None."""
     req = pb.GenerateRequest(model=model, prompt=prompt, max_chars=max_chars, temperature=temperature, top_k=top_k,
                              stop=list(stop), session_id=session_id, chunk_chars=chunk_chars,
-                             require_session=require_session)
+                             require_session=require_session, coalesce=coalesce)
     if top_p is not None:
         req.top_p = top_p
     if seed is not None:

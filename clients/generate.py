@@ -29,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--session", default="", help="session id: continue from and keep the state")
     ap.add_argument("--require-session", action="store_true", help="fail if the session has no state")
     ap.add_argument("--chunk-chars", type=int, default=0, help="characters per message; 0: 1")
+    ap.add_argument("--coalesce", action="store_true",
+                    help="chunk-chars or more per message: characters made while the last message was being sent "
+                         "come together in the next")
     ap.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     ap.add_argument("--stats", action="store_true", help="print finish reason and timings to stderr")
     ap.add_argument("--predict", type=int, metavar="K", default=0,
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
         else:
             request = api.generate_request(
                 args.model, args.prompt, args.max_chars, args.temperature, args.top_k, args.top_p, args.seed,
-                tuple(args.stop), args.session, args.chunk_chars, args.require_session)
+                tuple(args.stop), args.session, args.chunk_chars, args.require_session, args.coalesce)
             last = None
             for last in api.generate(stub, request, args.timeout):
                 sys.stdout.write(last.text)

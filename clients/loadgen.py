@@ -4,9 +4,10 @@
 
 Client-side figures: time to first character (request sent -> first text received), inter-character
 latency (the gap between consecutive messages of a stream, shared equally by the characters of the later
-message; exact at --chunk-chars 1), aggregate characters per second (all characters received / wall time
-of the run) and errors by status code; also the CPU time this client used while timing (a load generator
-that needs a whole core measures itself, not the server). Printed, and written as JSON to --out.
+message; exact at --chunk-chars 1 without --coalesce), characters per message, aggregate characters per
+second (all characters received / wall time of the run) and errors by status code; also the CPU time this
+client used while timing (a load generator that needs a whole core measures itself, not the server).
+Printed, and written as JSON to --out.
 """
 from __future__ import annotations
 
@@ -64,10 +65,12 @@ def summarize(records: list[Record], wall_s: float) -> dict:
     gaps = [np.repeat(np.diff(r.times) / np.asarray(r.sizes[1:]), r.sizes[1:]) for r in ok if len(r.times) > 1]
     gaps = np.concatenate(gaps) if gaps else np.zeros(0)
     chars = sum(sum(r.sizes) for r in records)
+    messages = sum(len(r.sizes) for r in records)
     return {
         "requests": len(records), "ok": len(ok),
         "errors": dict(Counter(r.status for r in records if r.status != "OK")),
-        "chars": chars, "wall_s": wall_s, "chars_per_s": chars / wall_s if wall_s > 0 else 0.0,
+        "chars": chars, "chars_per_msg": chars / messages if messages else None, "wall_s": wall_s,
+        "chars_per_s": chars / wall_s if wall_s > 0 else 0.0,
         "ttfc_ms": {k: v and v * 1e3 for k, v in percentiles(ttfc).items()},
         "inter_char_ms": {k: v and v * 1e3 for k, v in percentiles(gaps, (50, 99)).items()},
     }
@@ -89,7 +92,8 @@ async def run(args) -> dict:
 
     def request(i: int) -> pb.GenerateRequest:
         return api.generate_request(model.id, prompts[i % len(prompts)], args.max_chars, args.temperature,
-                                    args.top_k, None, args.seed + i, chunk_chars=args.chunk_chars)
+                                    args.top_k, None, args.seed + i, chunk_chars=args.chunk_chars,
+                                    coalesce=args.coalesce)
 
     for i in range(args.warmup):
         await one(stub, request(i), args.timeout)
@@ -105,7 +109,7 @@ async def run(args) -> dict:
     await asyncio.gather(*(worker() for _ in range(args.concurrency)))
     wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     config = {k: getattr(args, k) for k in ("target", "concurrency", "requests", "max_chars", "chunk_chars",
-                                              "temperature", "top_k", "warmup")}
+                                              "coalesce", "temperature", "top_k", "warmup")}
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None  # where this client ran
     return {"model": model.id, "backend": model.backend, **config, "client_cpus": cpus, "client_cpu_s": cpu,
             **summarize(records, wall)}
@@ -115,8 +119,9 @@ def report(r: dict) -> str:
     f = lambda d: " ".join(f"{k} {v:.3f}" if v is not None else f"{k} -" for k, v in d.items())  # noqa: E731
     return (f"{r['model']} ({r['backend']}) concurrency {r['concurrency']}: {r['ok']}/{r['requests']} ok, "
             f"errors {r['errors'] or 0}\n"
-            f"  aggregate {r['chars_per_s']:.0f} chars/s ({r['chars']} chars in {r['wall_s']:.2f} s; "
-            f"this client used {r['client_cpu_s'] / r['wall_s'] if r['wall_s'] else 0:.2f} CPU cores)\n"
+            f"  aggregate {r['chars_per_s']:.0f} chars/s ({r['chars']} chars in {r['wall_s']:.2f} s, "
+            f"{r['chars_per_msg'] or 0:.1f} per message; this client used "
+            f"{r['client_cpu_s'] / r['wall_s'] if r['wall_s'] else 0:.2f} CPU cores)\n"
             f"  time to first char ms: {f(r['ttfc_ms'])}\n"
             f"  inter-char latency ms: {f(r['inter_char_ms'])}")
 
@@ -134,6 +139,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--top-k", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="request i uses seed + i")
     ap.add_argument("--chunk-chars", type=int, default=1)
+    ap.add_argument("--coalesce", action="store_true", help="requests ask for chunk-chars or more per message "
+                    "(the characters ready while the last message was being sent go together)")
     ap.add_argument("--warmup", type=int, default=1, help="requests before timing starts")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline per request, seconds")
     ap.add_argument("--out", type=Path, default=Path("loadgen.json"), help="JSON results")

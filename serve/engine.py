@@ -113,7 +113,7 @@ class Engine:
                     raise InvalidArgument("empty prompt: give a prompt, or a session_id to continue")
                 stream = GenerationStream(tokens, session.state if session else None, req, rt.vocab, how,
                                           arrived, self.schedulers[req.model].metrics)
-                async with aclosing(self._run(stream, req.model)) as chunks:
+                async with aclosing(self._run(stream, req.model, merge=req.coalesce)) as chunks:
                     async for chunk in chunks:
                         if chunk.finish_reason is None:
                             yield chunk
@@ -143,20 +143,40 @@ class Engine:
 
     # helpers
 
-    async def _run(self, stream: Stream, model: str) -> AsyncIterator:
-        """Submit a stream to its model's scheduler and yield its events; the caller stops after the last."""
+    async def _run(self, stream: Stream, model: str, merge: bool = False) -> AsyncIterator:
+        """Submit a stream to its model's scheduler and yield its events; the caller stops after the last.
+        merge: a chunk goes out together with the chunks already waiting behind it (see `_merge`)."""
         scheduler = self.schedulers[model]
         stream.queue = asyncio.Queue()
         scheduler.submit(stream)
+        error = None  # met while merging: raised after the merged chunk has gone
         try:
-            while True:
+            while error is None:
                 event = await stream.queue.get()
                 scheduler.ack(stream)
+                if merge and type(event) is Chunk:
+                    event, error = self._merge(event, stream, scheduler)
                 if isinstance(event, BaseException):
                     raise event
                 yield event
+            raise error
         finally:
             scheduler.cancel(stream)  # a no-op once done; otherwise the scheduler drops it next step
+
+    def _merge(self, chunk: Chunk, stream: Stream, scheduler) -> tuple[Chunk, BaseException | None]:
+        """The chunk and those already waiting behind it, as one (with the last one's finish and stats), up to
+        about max_chunk_chars characters: characters made while the last message was being sent go out in the
+        next, and none waits for company. An error met on the way is returned, to be raised after it."""
+        texts, size = [chunk.text], len(chunk.text)
+        while chunk.finish_reason is None and size < self.cfg.max_chunk_chars and not stream.queue.empty():
+            event = stream.queue.get_nowait()
+            scheduler.ack(stream)
+            if isinstance(event, BaseException):
+                return Chunk("".join(texts)), event
+            chunk = event
+            texts.append(chunk.text)
+            size += len(chunk.text)
+        return (chunk if len(texts) == 1 else Chunk("".join(texts), chunk.finish_reason, chunk.stats)), None
 
     def _runtime(self, model: str) -> Runtime:
         if self.draining:

@@ -42,7 +42,8 @@ def generate_request_from_pb(m: pb.GenerateRequest) -> GenerateRequest:
     return GenerateRequest(
         model=m.model, prompt=m.prompt, max_chars=m.max_chars, temperature=m.temperature, top_k=m.top_k,
         top_p=m.top_p if m.HasField("top_p") else 1.0, seed=m.seed if m.HasField("seed") else None,
-        stop=tuple(m.stop), session_id=m.session_id, chunk_chars=m.chunk_chars, require_session=m.require_session)
+        stop=tuple(m.stop), session_id=m.session_id, chunk_chars=m.chunk_chars, require_session=m.require_session,
+        coalesce=m.coalesce)
 
 
 def chunk_to_pb(c: Chunk) -> pb.GenerateResponse:

@@ -41,6 +41,7 @@ class GenerateRequest:
     session_id: str = ""
     chunk_chars: int = 0  # 0: one character per message
     require_session: bool = False
+    coalesce: bool = False  # merge the chunks that are ready into one message (see the .proto)
 
 
 @dataclass(frozen=True)

@@ -289,11 +289,13 @@ def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run)
             ("grpc", "ort-cpu"), ("limit", "machine")} <= modes
     assert {r["batch"] for r in rep["records"] if r["mode"] == "step"} == {1, 8}
     grpc = [r for r in rep["records"] if r["mode"] == "grpc"]
-    for backend in ("torch", "ort-cpu"):  # every (concurrency, chunk size) asked for, on each server
-        assert sorted((r["concurrency"], r["chunk_chars"]) for r in grpc if r["backend"] == backend) == [
-            (1, 1), (1, 4), (8, 1), (8, 4)]
+    for backend in ("torch", "ort-cpu"):  # every (concurrency, chars per message) asked for, on each server
+        assert sorted((r["concurrency"], report.msgs(r)) for r in grpc if r["backend"] == backend) == [
+            (1, "1"), (1, "1+"), (1, "4"), (8, "1"), (8, "1+"), (8, "4")]
     assert all(r["details"]["loadgen"]["chunk_chars"] == r["chunk_chars"] for r in grpc)
-    assert rep["settings"]["chunk_chars"] == [1, 4]
+    assert all(r["details"]["chars_per_msg"] == r["chunk_chars"] for r in grpc if not r["details"]["coalesce"])
+    assert all(r["details"]["chars_per_msg"] >= 1 for r in grpc if r["details"]["coalesce"])
+    assert rep["settings"]["chunk_chars"] == [1, 4] and rep["settings"]["coalesce"] == [1]
     assert all(r["details"]["errors"] == {} for r in rep["records"] if r["mode"] == "grpc")
     assert all(r["details"]["client_cpu_s"] > 0 for r in grpc)  # what each side of the run kept busy
     if os.path.exists("/proc/self/stat"):

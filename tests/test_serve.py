@@ -6,6 +6,7 @@ per-stream generator, so the same seed must give the same text whatever else is 
 """
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -28,10 +29,12 @@ from clients import api
 from export.runtime import TorchRuntime
 from protos.charrnn.v1 import charrnn_pb2 as pb
 from serve.config import ServerConfig
-from serve.errors import NotFound, SessionBusy
+from serve.engine import Engine
+from serve.errors import NotFound, SessionBusy, Unavailable
+from serve.scheduler import Stream
 from serve.server import BackgroundServer
 from serve.sessions import Session, SessionCache
-from serve.types import SessionState
+from serve.types import Chunk, FinishReason, SessionState
 from train.checkpoint import load_checkpoint, save_weights
 from train.sampling import generate
 
@@ -120,6 +123,43 @@ def test_greedy_equals_eager(stub, eager, cell):
         assert last.finish_reason == pb.FINISH_REASON_LENGTH
         assert last.stats.generated_chars == 120 and last.stats.prompt_chars == 10
         assert 0 < last.stats.time_to_first_char_s <= last.stats.total_s and last.stats.chars_per_second > 0
+
+
+def test_coalesced_messages_carry_what_was_ready_with_the_same_text(server, eager):
+    """coalesce: what the server made while the client was not reading goes out together in the next message
+    (chunk_chars or more per message, never split), and the text is the same."""
+    model = model_name("lstm")
+    options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]  # grpc holds only ~1 KB
+    stub = api.pb_grpc.GeneratorStub(grpc.insecure_channel(server.target, options))
+    call = stub.Generate(api.generate_request(model, "the quick ", 2000, chunk_chars=2, coalesce=True), timeout=60)
+    first = next(call)
+    time.sleep(0.3)  # the client reads nothing: grpc's window fills, and the server's messages wait for it
+    msgs = [first, *call]
+    parts = [m.text for m in msgs]
+    assert "".join(parts) == reference(eager, model, "the quick ", 2000)
+    assert all(len(p) % 2 == 0 for p in parts[:-1]) and max(map(len, parts)) > 2
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and msgs[-1].stats.generated_chars == 2000
+
+
+def test_merging_stops_before_an_error_and_raises_it_after():
+    class Acks:
+        count = 0
+
+        def ack(self, stream):
+            self.count += 1
+
+    engine, acks = Engine({}, ServerConfig(models=Path("."), max_chunk_chars=4)), Acks()
+    stream = Stream(np.zeros(1, np.int64))
+    stream.queue = asyncio.Queue()
+    for event in (Chunk("bc"), Chunk("de"), Chunk("fg", FinishReason.LENGTH)):
+        stream.queue.put_nowait(event)
+    assert engine._merge(Chunk("a"), stream, acks) == (Chunk("abcde"), None)  # stops at about 4 characters
+    assert engine._merge(stream.queue.get_nowait(), stream, acks) == (Chunk("fg", FinishReason.LENGTH), None)
+    for event in (Chunk("b"), Unavailable("gone"), Chunk("c")):
+        stream.queue.put_nowait(event)
+    merged, error = engine._merge(Chunk("a"), stream, acks)
+    assert merged == Chunk("ab") and isinstance(error, Unavailable) and stream.queue.qsize() == 1
+    assert acks.count == 4  # every event taken is acknowledged (backpressure)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -73,6 +73,9 @@ class BenchConfig:
     concurrency: tuple[int, ...] = _opt((1, 8, 64), "grpc mode's concurrent streams", _ints)
     chunk_chars: tuple[int, ...] = _opt((1, 16), "grpc mode's characters per message (the requests' chunk_chars), "
                                                  "each at every --concurrency", _ints)
+    coalesce: tuple[int, ...] = _opt((1,), "grpc mode's characters per message run again with coalescing (the "
+                                           "requests' coalesce: that many or more per message, what was ready; "
+                                           "shown as 1+), each at every --concurrency; '' for none", _ints)
     server_cpus: tuple[int, ...] = _opt((), "grpc mode: the CPUs the server and its worker processes may run on "
                                             "(as taskset takes them: 0,1 or 0-1); default: all", _cpus)
     client_cpus: tuple[int, ...] = _opt((), "grpc mode: the CPUs of the load generator (e.g. 2-5, apart from "
@@ -107,7 +110,7 @@ class BenchConfig:
             if bad or not getattr(self, name):
                 raise ValueError(f"--{name.replace('_', '-')}: {', '.join(bad) or 'empty'}; choose from "
                                  f"{', '.join(allowed)}")
-        for name in ("hidden_sizes", "batches", "concurrency", "chunk_chars", "refeed_windows", "threads"):
+        for name in ("hidden_sizes", "batches", "concurrency", "chunk_chars", "coalesce", "refeed_windows", "threads"):
             if any(x < 1 for x in getattr(self, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None

@@ -154,16 +154,16 @@ class ServerProcess:
 
 
 def drive(server: ServerProcess, concurrency: int, requests: int, max_chars: int, chunk_chars: int = 1,
-          warmup: int = 2, cpus: tuple[int, ...] = (), work_dir: Path = Path(".")) -> dict:
+          coalesce: bool = False, warmup: int = 2, cpus: tuple[int, ...] = (), work_dir: Path = Path(".")) -> dict:
     """`python -m clients.loadgen` (its own process, on `cpus` when given) against the running server:
     `concurrency` streams in flight, `requests` in all, each asking for `max_chars` characters streamed
-    `chunk_chars` per message, sampled at loadgen's defaults. Its JSON result, with the settings it ran with and
-    the CPU time the server used while the load generator timed (`server_cpu_s`: from loadgen's line saying it
-    starts timing to its exit; None without /proc)."""
+    `chunk_chars` per message (or more, coalescing), sampled at loadgen's defaults. Its JSON result, with the
+    settings it ran with and the CPU time the server used while the load generator timed (`server_cpu_s`: from
+    loadgen's line saying it starts timing to its exit; None without /proc)."""
     out = Path(work_dir) / f"loadgen-{os.getpid()}.json"
     args = ["--target", server.target, "--concurrency", str(concurrency), "--requests", str(requests), "--max-chars",
             str(max_chars), "--chunk-chars", str(chunk_chars), "--warmup", str(warmup), "--timeout", "600",
-            "--out", str(out)]
+            "--out", str(out)] + (["--coalesce"] if coalesce else [])
     before, lines = None, []
     with subprocess.Popen(module_command("clients.loadgen", args, cpus), env=_env(1), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -176,6 +176,6 @@ def drive(server: ServerProcess, concurrency: int, requests: int, max_chars: int
         raise RuntimeError(f"clients.loadgen exited with code {proc.returncode}: {''.join(lines).strip()[-500:]}")
     result = json.loads(out.read_text())
     out.unlink()
-    result["loadgen_args"] = {k: result[k] for k in ("temperature", "top_k", "chunk_chars", "warmup")}
+    result["loadgen_args"] = {k: result[k] for k in ("temperature", "top_k", "chunk_chars", "coalesce", "warmup")}
     result["server_cpu_s"] = {k: after[k] - before[k] for k in after} if before and after else None
     return result

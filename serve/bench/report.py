@@ -35,7 +35,15 @@ def record(model: BenchModel, backend: str, mode: str, *, precision: str = "fp32
 
 
 def _key(r: dict) -> tuple:
-    return r["model"], r["mode"], r["batch"], r["concurrency"], r["chunk_chars"], r["threads"]
+    return r["model"], r["mode"], r["batch"], r["concurrency"], msgs(r), r["threads"]
+
+
+def msgs(r: dict) -> str | None:
+    """A grpc record's characters per message: its chunk_chars, with + when its streams coalesced (that many or
+    more per message); None for other records."""
+    if r["chunk_chars"] is None:
+        return None
+    return f"{r['chunk_chars']}{'+' if r['details'].get('coalesce') else ''}"
 
 
 def limit_key(device: str, threads: int) -> str:
@@ -189,23 +197,23 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
                     note="" if r["baseline"] and r["baseline"].startswith("torch-cuda") else "baseline: eager on CPU")
             for r in gpu]
     grpc = [r for r in records if r["mode"] == "grpc" and r["backend"] == "ort-cpu"]
-    one = {(r["model"], r["precision"], r["chunk_chars"]): r for r in grpc if r["concurrency"] == 1}
+    one = {(r["model"], r["precision"], msgs(r)): r for r in grpc if r["concurrency"] == 1}
     loops = {(r["model"], r["backend"], r["precision"], r["threads"], r["batch"]): r
              for r in records if r["mode"] == "loop"}
     for r in grpc:
-        base = one.get((r["model"], r["precision"], r["chunk_chars"]))
+        base = one.get((r["model"], r["precision"], msgs(r)))
         if r["concurrency"] == 64 and base:
             lo1, lo64 = (loops.get((r["model"], r["backend"], r["precision"], r["threads"], b)) for b in (1, 64))
             ceiling = f"; in-process {speedup(lo1, lo64, 'chars_per_s'):.1f}x" if lo1 and lo64 else ""
             out.append(_target("grpc_batching_10x", r, speedup(base, r, "chars_per_s"),
-                               note=f"{r['chunk_chars']} chars/msg, {r['details']['max_chars']} per request: "
+                               note=f"{msgs(r)} chars/msg, {r['details']['max_chars']} per request: "
                                     f"{r['chars_per_s']:,.0f} vs {base['chars_per_s']:,.0f} chars/s{ceiling}; "
                                     f"{where(r)}{cpu_use(r)}"))
     for r in one.values():
         loop = loops.get((r["model"], r["backend"], r["precision"], r["threads"], 1))
         if loop and r["mean_us"]:
             out.append(_target("grpc_one_stream_2x", r, r["mean_us"] / loop["mean_us"],
-                               note=f"{r['chunk_chars']} chars/msg, {r['details']['max_chars']} per request: "
+                               note=f"{msgs(r)} chars/msg, {r['details']['max_chars']} per request: "
                                     f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character; {where(r)}"
                                     f"{cpu_use(r)}"))
     for key in THRESHOLDS:
@@ -307,9 +315,16 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _msgs_measured(r: dict) -> str:
+    """chars/msg for a table: coalesced rows add the mean that went in one message."""
+    mean = r["details"].get("chars_per_msg")
+    return f"{msgs(r)} ({mean:.1f})" if r["details"].get("coalesce") and mean else msgs(r)
+
+
 def _order(r: dict) -> tuple:
     names = list(BACKENDS) + ["machine"]
     return (r["cell"], r["hidden_size"], r["model"], r["batch"] or 0, r["concurrency"] or 0, r["chunk_chars"] or 0,
+            r["details"].get("coalesce", False),
             names.index(r["backend"]) if r["backend"] in names else 99, r["precision"])
 
 
@@ -398,8 +413,9 @@ def markdown(rep: dict) -> str:
         out.append("\n## gRPC end to end (`python -m serve` + `clients.loadgen`)\n")
         g = grpc[0]["details"]
         out.append(f"Each stream asks for {g['max_chars']} characters, streamed chars/msg at a time (the request's "
-                   f"chunk_chars), sampled at temperature {g['loadgen']['temperature']}; {s['grpc_requests']} "
-                   f"request(s) per stream (at least 8 in all); {where(grpc[0])}. "
+                   f"chunk_chars; N+: coalesced, N or more per message, what was ready when the last one had gone, "
+                   f"with the mean in brackets), sampled at temperature {g['loadgen']['temperature']}; "
+                   f"{s['grpc_requests']} request(s) per stream (at least 8 in all); {where(grpc[0])}. "
                    "Rows marked in-process: the same number of streams without gRPC, `Runtime.step` and the server's "
                    "sampler (train.sampling.sample_many) in one loop. "
                    "Inter-character gaps are taken at the client, a message's gap shared equally by its characters; "
@@ -411,7 +427,7 @@ def markdown(rep: dict) -> str:
         out.append(_table(["model", "backend", "concurrency", "chars/msg", "TTFC p50 ms", "TTFC p99 ms",
                            "inter-char p50 ms", "inter-char p99 ms", "mean ms/char", "chars/s", "vs eager",
                            "CPU cores", "errors"],
-                          [[r["model"], _label(r), r["concurrency"], r["chunk_chars"],
+                          [[r["model"], _label(r), r["concurrency"], _msgs_measured(r),
                             _us(r["details"]["ttfc_ms"]["p50"]),
                             _us(r["details"]["ttfc_ms"]["p99"]), _ms(r["p50_us"]), _ms(r["p99_us"]), _ms(r["mean_us"]),
                             _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]), cpu_use(r, short=True),
@@ -549,11 +565,11 @@ def plots(rep: dict, out: Path) -> list[Path]:
     grpc = [r for r in recs if r["mode"] == "grpc"]
     if grpc:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        sizes = sorted({r["chunk_chars"] for r in grpc})
+        sizes = list(dict.fromkeys(msgs(r) for r in sorted(grpc, key=_order)))
         styles = ("-", "--", ":", "-.")  # colour: model and backend; line style: characters per message
         for i, key in enumerate(dict.fromkeys((r["model"], _label(r)) for r in grpc)):
             for k in sizes:
-                rs = [r for r in grpc if (r["model"], _label(r)) == key and r["chunk_chars"] == k]
+                rs = [r for r in grpc if (r["model"], _label(r)) == key and msgs(r) == k]
                 if not rs:
                     continue
                 style = {"color": f"C{i % 10}", "ls": styles[sizes.index(k) % len(styles)], "marker": "o"}

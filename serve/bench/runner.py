@@ -115,6 +115,7 @@ def _grpc_record(m: BenchModel, backend: str, precision: str, result: dict, thre
                          chars_per_s=result["chars_per_s"], ttfc_ms=result["ttfc_ms"], requests=result["requests"],
                          ok=result["ok"], errors=result["errors"], chars=result["chars"], wall_s=result["wall_s"],
                          max_chars=result["max_chars"], loadgen=result["loadgen_args"], server=server.command,
+                         coalesce=result["coalesce"], chars_per_msg=result["chars_per_msg"],
                          server_cpus=cpus_of(server.proc.pid), client_cpus=result["client_cpus"],
                          server_cpu_s=result["server_cpu_s"], client_cpu_s=result["client_cpu_s"])
 
@@ -171,7 +172,7 @@ def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
                     limits[report.limit_key(device, t)] = probe_limits(device, models, cfg.precisions, t, cfg.quick)
             torch.set_num_threads(primary)
         per_model = (len(cfg.batches) if "step" in cfg.modes else 0) + ("refeed" in cfg.modes) \
-            + len(serving) * len(cfg.concurrency) * len(cfg.chunk_chars)
+            + len(serving) * len(cfg.concurrency) * (len(cfg.chunk_chars) + len(cfg.coalesce))
         progress = Progress(len(models) * per_model)
         try:
             for m in models:
@@ -241,7 +242,8 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
         carried, refeed = time_decoding(m.path, windows, cfg.refeed_chars, BLOCK_CHARS)
         records.extend(_decoding_records(m, carried, refeed, cfg.refeed_chars, primary))
         progress.advance(f"{m.model_id}: carried vs re-feeding {', '.join(map(str, windows))}")
-    points = [(c, k) for c in cfg.concurrency for k in cfg.chunk_chars]  # message sizes side by side at each c
+    points = [(c, k, co) for c in cfg.concurrency  # message sizes side by side at each c
+              for k, co in [(k, False) for k in cfg.chunk_chars] + [(k, True) for k in cfg.coalesce]]
     for b, p in serving:
         what = f"grpc on {b} ({p})"
         if (b, p) in failed:
@@ -253,13 +255,14 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
             server = ServerProcess(_server_models(b, m, p, exports), *BACKENDS[b].server, threads=primary,
                                    log_dir=tmp, cpus=cfg.server_cpus)
             with server:
-                for c, k in points:
-                    progress.note(f"{m.model_id}: grpc {b}, concurrency {c}, {k} chars/msg")
-                    result = drive(server, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars, k, cpus=cfg.client_cpus,
-                                   work_dir=tmp)
+                for c, k, co in points:
+                    msgs = f"{k}{'+' if co else ''} chars/msg"
+                    progress.note(f"{m.model_id}: grpc {b}, concurrency {c}, {msgs}")
+                    result = drive(server, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars, k, co,
+                                   cpus=cfg.client_cpus, work_dir=tmp)
                     records.append(_grpc_record(m, b, p, result, primary, server))
                     done += 1
-                    progress.advance(f"{m.model_id}: {what}, concurrency {c}, {k} chars/msg")
+                    progress.advance(f"{m.model_id}: {what}, concurrency {c}, {msgs}")
         except ServerFailed as e:
             _skip(skipped, what, str(e), b, p, m.model_id, "grpc")
         except Exception as e:

@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/charrnn/v1/charrnn.proto\x12\ncharrnn.v1\"\x13\n\x11ListModelsRequest\"m\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x11\n\tfc_layers\x18\x04 \x01(\r\x12\r\n\x05vocab\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.charrnn.v1.ModelInfo\"\xf1\x01\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\tmax_chars\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x13\n\x0b\x63hunk_chars\x18\n \x01(\r\x12\x17\n\x0frequire_session\x18\x0b \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xce\x01\n\rGenerateStats\x12\x14\n\x0cprompt_chars\x18\x01 \x01(\r\x12\x17\n\x0fgenerated_chars\x18\x02 \x01(\r\x12\x1c\n\x14time_to_first_char_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x18\n\x10\x63hars_per_second\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12)\n\x07session\x18\x07 \x01(\x0e\x32\x18.charrnn.v1.SessionState\x12\x0c\n\x04stop\x18\x08 \x01(\t\"{\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.charrnn.v1.FinishReason\x12(\n\x05stats\x18\x03 \x01(\x0b\x32\x19.charrnn.v1.GenerateStats\"<\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"/\n\nPrediction\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\">\n\x0fPredictResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.charrnn.v1.Prediction*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02*\x97\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11SESSION_STATE_NEW\x10\x01\x12\x1b\n\x17SESSION_STATE_CONTINUED\x10\x02\x12\x19\n\x15SESSION_STATE_EXPIRED\x10\x03\x12\x19\n\x15SESSION_STATE_EVICTED\x10\x04\x32\xe5\x01\n\tGenerator\x12K\n\nListModels\x12\x1d.charrnn.v1.ListModelsRequest\x1a\x1e.charrnn.v1.ListModelsResponse\x12G\n\x08Generate\x12\x1b.charrnn.v1.GenerateRequest\x1a\x1c.charrnn.v1.GenerateResponse0\x01\x12\x42\n\x07Predict\x12\x1a.charrnn.v1.PredictRequest\x1a\x1b.charrnn.v1.PredictResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fprotos/charrnn/v1/charrnn.proto\x12\ncharrnn.v1\"\x13\n\x11ListModelsRequest\"m\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x63\x65ll\x18\x02 \x01(\t\x12\x13\n\x0bhidden_size\x18\x03 \x01(\r\x12\x11\n\tfc_layers\x18\x04 \x01(\r\x12\r\n\x05vocab\x18\x05 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.charrnn.v1.ModelInfo\"\x83\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x11\n\tmax_chars\x18\x03 \x01(\r\x12\x13\n\x0btemperature\x18\x04 \x01(\x02\x12\r\n\x05top_k\x18\x05 \x01(\r\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x08 \x03(\t\x12\x12\n\nsession_id\x18\t \x01(\t\x12\x13\n\x0b\x63hunk_chars\x18\n \x01(\r\x12\x17\n\x0frequire_session\x18\x0b \x01(\x08\x12\x10\n\x08\x63oalesce\x18\x0c \x01(\x08\x42\x08\n\x06_top_pB\x07\n\x05_seed\"\xce\x01\n\rGenerateStats\x12\x14\n\x0cprompt_chars\x18\x01 \x01(\r\x12\x17\n\x0fgenerated_chars\x18\x02 \x01(\r\x12\x1c\n\x14time_to_first_char_s\x18\x03 \x01(\x01\x12\x0f\n\x07total_s\x18\x04 \x01(\x01\x12\x18\n\x10\x63hars_per_second\x18\x05 \x01(\x01\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12)\n\x07session\x18\x07 \x01(\x0e\x32\x18.charrnn.v1.SessionState\x12\x0c\n\x04stop\x18\x08 \x01(\t\"{\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12/\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x18.charrnn.v1.FinishReason\x12(\n\x05stats\x18\x03 \x01(\x0b\x32\x19.charrnn.v1.GenerateStats\"<\n\x0ePredictRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\"/\n\nPrediction\x12\x0c\n\x04\x63har\x18\x01 \x01(\t\x12\x13\n\x0bprobability\x18\x02 \x01(\x01\">\n\x0fPredictResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.charrnn.v1.Prediction*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02*\x97\x01\n\x0cSessionState\x12\x1d\n\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11SESSION_STATE_NEW\x10\x01\x12\x1b\n\x17SESSION_STATE_CONTINUED\x10\x02\x12\x19\n\x15SESSION_STATE_EXPIRED\x10\x03\x12\x19\n\x15SESSION_STATE_EVICTED\x10\x04\x32\xe5\x01\n\tGenerator\x12K\n\nListModels\x12\x1d.charrnn.v1.ListModelsRequest\x1a\x1e.charrnn.v1.ListModelsResponse\x12G\n\x08Generate\x12\x1b.charrnn.v1.GenerateRequest\x1a\x1c.charrnn.v1.GenerateResponse0\x01\x12\x42\n\x07Predict\x12\x1a.charrnn.v1.PredictRequest\x1a\x1b.charrnn.v1.PredictResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'protos.charrnn.v1.charrnn_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=993
-  _globals['_FINISHREASON']._serialized_end=1088
-  _globals['_SESSIONSTATE']._serialized_start=1091
-  _globals['_SESSIONSTATE']._serialized_end=1242
+  _globals['_FINISHREASON']._serialized_start=1011
+  _globals['_FINISHREASON']._serialized_end=1106
+  _globals['_SESSIONSTATE']._serialized_start=1109
+  _globals['_SESSIONSTATE']._serialized_end=1260
   _globals['_LISTMODELSREQUEST']._serialized_start=47
   _globals['_LISTMODELSREQUEST']._serialized_end=66
   _globals['_MODELINFO']._serialized_start=68
@@ -42,17 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=179
   _globals['_LISTMODELSRESPONSE']._serialized_end=238
   _globals['_GENERATEREQUEST']._serialized_start=241
-  _globals['_GENERATEREQUEST']._serialized_end=482
-  _globals['_GENERATESTATS']._serialized_start=485
-  _globals['_GENERATESTATS']._serialized_end=691
-  _globals['_GENERATERESPONSE']._serialized_start=693
-  _globals['_GENERATERESPONSE']._serialized_end=816
-  _globals['_PREDICTREQUEST']._serialized_start=818
-  _globals['_PREDICTREQUEST']._serialized_end=878
-  _globals['_PREDICTION']._serialized_start=880
-  _globals['_PREDICTION']._serialized_end=927
-  _globals['_PREDICTRESPONSE']._serialized_start=929
-  _globals['_PREDICTRESPONSE']._serialized_end=991
-  _globals['_GENERATOR']._serialized_start=1245
-  _globals['_GENERATOR']._serialized_end=1474
+  _globals['_GENERATEREQUEST']._serialized_end=500
+  _globals['_GENERATESTATS']._serialized_start=503
+  _globals['_GENERATESTATS']._serialized_end=709
+  _globals['_GENERATERESPONSE']._serialized_start=711
+  _globals['_GENERATERESPONSE']._serialized_end=834
+  _globals['_PREDICTREQUEST']._serialized_start=836
+  _globals['_PREDICTREQUEST']._serialized_end=896
+  _globals['_PREDICTION']._serialized_start=898
+  _globals['_PREDICTION']._serialized_end=945
+  _globals['_PREDICTRESPONSE']._serialized_start=947
+  _globals['_PREDICTRESPONSE']._serialized_end=1009
+  _globals['_GENERATOR']._serialized_start=1263
+  _globals['_GENERATOR']._serialized_end=1492
 # @@protoc_insertion_point(module_scope)

@@ -56,7 +56,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "max_chars", "temperature", "top_k", "top_p", "seed", "stop", "session_id", "chunk_chars", "require_session")
+    __slots__ = ("model", "prompt", "max_chars", "temperature", "top_k", "top_p", "seed", "stop", "session_id", "chunk_chars", "require_session", "coalesce")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_CHARS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +68,7 @@ class GenerateRequest(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_CHARS_FIELD_NUMBER: _ClassVar[int]
     REQUIRE_SESSION_FIELD_NUMBER: _ClassVar[int]
+    COALESCE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     max_chars: int
@@ -79,7 +80,8 @@ class GenerateRequest(_message.Message):
     session_id: str
     chunk_chars: int
     require_session: bool
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., max_chars: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., chunk_chars: _Optional[int] = ..., require_session: _Optional[bool] = ...) -> None: ...
+    coalesce: bool
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., max_chars: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., chunk_chars: _Optional[int] = ..., require_session: _Optional[bool] = ..., coalesce: _Optional[bool] = ...) -> None: ...
 
 class GenerateStats(_message.Message):
     __slots__ = ("prompt_chars", "generated_chars", "time_to_first_char_s", "total_s", "chars_per_second", "seed", "session", "stop")

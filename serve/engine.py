@@ -163,7 +163,8 @@ class Engine:
         finally:
             scheduler.cancel(stream)  # a no-op once done; otherwise the scheduler drops it next step
 
-    def _merge(self, chunk: Chunk, stream: Stream, scheduler) -> tuple[Chunk, BaseException | None]:
+    def _merge(self, chunk: Chunk, stream: Stream,
+               scheduler: Scheduler | RemoteScheduler) -> tuple[Chunk, BaseException | None]:
         """The chunk and those already waiting behind it, as one (with the last one's finish and stats), up to
         about max_chunk_chars characters: characters made while the last message was being sent go out in the
         next, and none waits for company. An error met on the way is returned, to be raised after it."""

@@ -34,6 +34,8 @@ def test_generate_cli_streams_the_text(served, capsys):
     assert generate_cli.main(["--target", bg.target, "--model", ck.model_id, "--session", "cli", "--max-chars",
                               "5", "--stats"]) == 0
     assert "session continued" in capsys.readouterr().err
+    assert generate_cli.main(args[:-2] + ["--coalesce"]) == 0  # merged messages print the same text
+    assert capsys.readouterr().out == out
 
 
 def test_generate_cli_list_predict_and_errors(served, capsys):
@@ -50,13 +52,13 @@ def test_loadgen_reports_and_writes_json(served, tmp_path, capsys):
     bg, ck = served
     out = tmp_path / "load.json"
     assert loadgen.main(["--target", bg.target, "--concurrency", "4", "--requests", "8", "--max-chars", "25",
-                         "--out", str(out)]) == 0
+                         "--coalesce", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert (result["ok"], result["errors"], result["chars"]) == (8, {}, 200)
     assert result["model"] == ck.model_id and result["chars_per_s"] > 0
     assert set(result["ttfc_ms"]) == {"p50", "p90", "p99", "mean"}
     assert set(result["inter_char_ms"]) == {"p50", "p99", "mean"}
-    assert 0 < result["client_cpu_s"]
+    assert 0 < result["client_cpu_s"] and result["coalesce"] and result["chars_per_msg"] >= 1
     printed = capsys.readouterr().out
     assert printed.startswith("timing 8 requests, 4 at a time\n")  # serve.bench reads the server's CPU from here
     assert "aggregate" in printed and "this client used" in printed

@@ -290,7 +290,7 @@ def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run)
     assert {r["batch"] for r in rep["records"] if r["mode"] == "step"} == {1, 8}
     grpc = [r for r in rep["records"] if r["mode"] == "grpc"]
     for backend in ("torch", "ort-cpu"):  # every (concurrency, chars per message) asked for, on each server
-        assert sorted((r["concurrency"], report.msgs(r)) for r in grpc if r["backend"] == backend) == [
+        assert sorted((r["concurrency"], report.msg_label(r)) for r in grpc if r["backend"] == backend) == [
             (1, "1"), (1, "1+"), (1, "4"), (8, "1"), (8, "1+"), (8, "4")]
     assert all(r["details"]["loadgen"]["chunk_chars"] == r["chunk_chars"] for r in grpc)
     assert all(r["details"]["chars_per_msg"] == r["chunk_chars"] for r in grpc if not r["details"]["coalesce"])

@@ -35,10 +35,10 @@ def record(model: BenchModel, backend: str, mode: str, *, precision: str = "fp32
 
 
 def _key(r: dict) -> tuple:
-    return r["model"], r["mode"], r["batch"], r["concurrency"], msgs(r), r["threads"]
+    return r["model"], r["mode"], r["batch"], r["concurrency"], msg_label(r), r["threads"]
 
 
-def msgs(r: dict) -> str | None:
+def msg_label(r: dict) -> str | None:
     """A grpc record's characters per message: its chunk_chars, with + when its streams coalesced (that many or
     more per message); None for other records."""
     if r["chunk_chars"] is None:
@@ -197,23 +197,23 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
                     note="" if r["baseline"] and r["baseline"].startswith("torch-cuda") else "baseline: eager on CPU")
             for r in gpu]
     grpc = [r for r in records if r["mode"] == "grpc" and r["backend"] == "ort-cpu"]
-    one = {(r["model"], r["precision"], msgs(r)): r for r in grpc if r["concurrency"] == 1}
+    one = {(r["model"], r["precision"], msg_label(r)): r for r in grpc if r["concurrency"] == 1}
     loops = {(r["model"], r["backend"], r["precision"], r["threads"], r["batch"]): r
              for r in records if r["mode"] == "loop"}
     for r in grpc:
-        base = one.get((r["model"], r["precision"], msgs(r)))
+        base = one.get((r["model"], r["precision"], msg_label(r)))
         if r["concurrency"] == 64 and base:
             lo1, lo64 = (loops.get((r["model"], r["backend"], r["precision"], r["threads"], b)) for b in (1, 64))
             ceiling = f"; in-process {speedup(lo1, lo64, 'chars_per_s'):.1f}x" if lo1 and lo64 else ""
             out.append(_target("grpc_batching_10x", r, speedup(base, r, "chars_per_s"),
-                               note=f"{msgs(r)} chars/msg, {r['details']['max_chars']} per request: "
+                               note=f"{msg_label(r)} chars/msg, {r['details']['max_chars']} per request: "
                                     f"{r['chars_per_s']:,.0f} vs {base['chars_per_s']:,.0f} chars/s{ceiling}; "
                                     f"{where(r)}{cpu_use(r)}"))
     for r in one.values():
         loop = loops.get((r["model"], r["backend"], r["precision"], r["threads"], 1))
         if loop and r["mean_us"]:
             out.append(_target("grpc_one_stream_2x", r, r["mean_us"] / loop["mean_us"],
-                               note=f"{msgs(r)} chars/msg, {r['details']['max_chars']} per request: "
+                               note=f"{msg_label(r)} chars/msg, {r['details']['max_chars']} per request: "
                                     f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character; {where(r)}"
                                     f"{cpu_use(r)}"))
     for key in THRESHOLDS:
@@ -318,7 +318,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 def _msgs_measured(r: dict) -> str:
     """chars/msg for a table: coalesced rows add the mean that went in one message."""
     mean = r["details"].get("chars_per_msg")
-    return f"{msgs(r)} ({mean:.1f})" if r["details"].get("coalesce") and mean else msgs(r)
+    return f"{msg_label(r)} ({mean:.1f})" if r["details"].get("coalesce") and mean else msg_label(r)
 
 
 def _order(r: dict) -> tuple:
@@ -565,11 +565,11 @@ def plots(rep: dict, out: Path) -> list[Path]:
     grpc = [r for r in recs if r["mode"] == "grpc"]
     if grpc:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        sizes = list(dict.fromkeys(msgs(r) for r in sorted(grpc, key=_order)))
+        sizes = list(dict.fromkeys(msg_label(r) for r in sorted(grpc, key=_order)))
         styles = ("-", "--", ":", "-.")  # colour: model and backend; line style: characters per message
         for i, key in enumerate(dict.fromkeys((r["model"], _label(r)) for r in grpc)):
             for k in sizes:
-                rs = [r for r in grpc if (r["model"], _label(r)) == key and msgs(r) == k]
+                rs = [r for r in grpc if (r["model"], _label(r)) == key and msg_label(r) == k]
                 if not rs:
                     continue
                 style = {"color": f"C{i % 10}", "ls": styles[sizes.index(k) % len(styles)], "marker": "o"}

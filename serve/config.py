@@ -36,6 +36,9 @@ class ServerConfig:
     max_chunk_chars: int = _opt(1024, "cap on chunk_chars")
     prefill_chunk: int = _opt(256, "prompt tokens per prefill call: a long prompt delays others by a chunk per step")
     max_unsent: int = _opt(64, "messages a stream may run ahead of its client before it pauses (backpressure)")
+    max_sending: int = _opt(16, "coalescing streams sending a message at once, all together; the others wait their "
+                                "turn, merging what they make meanwhile (under load the event loop's turns stay "
+                                "short, so new requests are taken promptly); 0: no limit")
     session_ttl_s: float = _opt(600.0, "seconds a session's state is kept after its last stream")
     max_sessions: int = _opt(10_000, "sessions kept; the least recently used is evicted past it")
     max_session_id_chars: int = _opt(128, "longest session_id")
@@ -51,8 +54,8 @@ class ServerConfig:
         if bad:
             raise ValueError(f"must be >= 1: {', '.join(bad)}")
         self.default_chars = min(self.default_chars, self.max_chars)
-        if self.session_ttl_s <= 0 or self.grace_s < 0 or self.workers < 0:
-            raise ValueError("session_ttl_s must be > 0, grace_s and workers >= 0")
+        if self.session_ttl_s <= 0 or self.grace_s < 0 or self.workers < 0 or self.max_sending < 0:
+            raise ValueError("session_ttl_s must be > 0, grace_s, workers and max_sending >= 0")
 
     def scheduler_settings(self) -> dict:
         """serve.scheduler.Scheduler's keyword arguments."""

@@ -11,7 +11,7 @@ import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, contextmanager
+from contextlib import aclosing, asynccontextmanager, contextmanager
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from serve.types import Chunk, GenerateRequest, ModelInfo, Prediction, PredictRe
 from serve.workers import ModelCard, RemoteScheduler, WorkerPool
 
 PREDICT_TOP_K = 5  # Predict's top_k when the request leaves it 0
+TURN_WAIT_S = 0.02  # longest wait for a turn to send (--max-sending); then a stream sends without one
 
 
 class Engine:
@@ -44,6 +45,7 @@ class Engine:
         self._idle.set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._outbox: list = []  # events from the schedulers, not yet on the loop
+        self._turns = asyncio.Semaphore(cfg.max_sending) if cfg.max_sending else None
         self._outbox_lock = threading.Lock()
 
     # lifecycle
@@ -145,7 +147,8 @@ class Engine:
 
     async def _run(self, stream: Stream, model: str, merge: bool = False) -> AsyncIterator:
         """Submit a stream to its model's scheduler and yield its events; the caller stops after the last.
-        merge: a chunk goes out together with the chunks already waiting behind it (see `_merge`)."""
+        merge: a chunk goes out together with the chunks already waiting behind it (see `_merge`), once the
+        stream's turn to send has come (--max-sending): the caller sends it before asking for the next."""
         scheduler = self.schedulers[model]
         stream.queue = asyncio.Queue()
         scheduler.submit(stream)
@@ -155,13 +158,32 @@ class Engine:
                 event = await stream.queue.get()
                 scheduler.ack(stream)
                 if merge and type(event) is Chunk:
-                    event, error = self._merge(event, stream, scheduler)
+                    async with self._turn():
+                        event, error = self._merge(event, stream, scheduler)
+                        yield event
+                    continue
                 if isinstance(event, BaseException):
                     raise event
                 yield event
             raise error
         finally:
             scheduler.cancel(stream)  # a no-op once done; otherwise the scheduler drops it next step
+
+    @asynccontextmanager
+    async def _turn(self):
+        """One of --max-sending turns to send, waited for at most TURN_WAIT_S: a client that stops reading keeps
+        its turn while grpc waits for it, and must not hold up the others for longer than that."""
+        held = False
+        if self._turns is not None:
+            try:
+                held = await asyncio.wait_for(self._turns.acquire(), TURN_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
+        try:
+            yield
+        finally:
+            if held:
+                self._turns.release()
 
     def _merge(self, chunk: Chunk, stream: Stream,
                scheduler: Scheduler | RemoteScheduler) -> tuple[Chunk, BaseException | None]:

@@ -141,6 +141,26 @@ def test_coalesced_messages_carry_what_was_ready_with_the_same_text(server, eage
     assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and msgs[-1].stats.generated_chars == 2000
 
 
+def test_coalescing_streams_take_turns_to_send_and_a_stalled_one_holds_up_no_one(models_dir, eager):
+    """--max-sending 1: eight coalescing streams share one turn to send and all get their text; a client that
+    stops reading keeps its turn while grpc waits for it, and the others send without it after a short wait."""
+    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG, max_sending=1, workers=0)
+    with BackgroundServer(cfg) as bg:
+        model, prompts = model_name("gru"), ["the ", "a dog ", "over ", "quick ", "lazy ", "fox ", "it ", "and "]
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(lambda p: run(api.stub(bg.target), model=model, prompt=p, max_chars=200,
+                                                coalesce=True)[0], prompts))
+        assert texts == [reference(eager, model, p, 200) for p in prompts]
+        options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        stalled = api.pb_grpc.GeneratorStub(grpc.insecure_channel(bg.target, options))
+        call = stalled.Generate(api.generate_request(model, "the ", BIG, coalesce=True), timeout=60)
+        next(call)
+        time.sleep(0.3)  # its writes now wait for a client that reads nothing, turn in hand
+        other = api.stub(bg.target).Generate(api.generate_request(model, "dog", 300, coalesce=True), timeout=20)
+        assert "".join(m.text for m in other) == reference(eager, model, "dog", 300)
+        call.cancel()
+
+
 def test_merging_stops_before_an_error_and_raises_it_after():
     class Acks:
         count = 0

@@ -174,7 +174,9 @@ class Engine:
         """One of --max-sending turns to send, waited for at most TURN_WAIT_S: a client that stops reading keeps
         its turn while grpc waits for it, and must not hold up the others for longer than that."""
         held = False
-        if self._turns is not None:
+        if self._turns is not None and not self._turns.locked():
+            held = await self._turns.acquire()  # at once, without wait_for's task
+        elif self._turns is not None:
             try:
                 held = await asyncio.wait_for(self._turns.acquire(), TURN_WAIT_S)
             except asyncio.TimeoutError:

@@ -173,19 +173,19 @@ class Engine:
     async def _turn(self):
         """One of --max-sending turns to send, waited for at most TURN_WAIT_S: a client that stops reading keeps
         its turn while grpc waits for it, and must not hold up the others for longer than that."""
-        held = False
-        if self._turns is not None and not self._turns.locked():
-            held = await self._turns.acquire()  # at once, without wait_for's task
-        elif self._turns is not None:
+        turns, held = self._turns, False
+        if turns is not None and not turns.locked():
+            held = await turns.acquire()  # at once, without wait_for's task
+        elif turns is not None:
             try:
-                held = await asyncio.wait_for(self._turns.acquire(), TURN_WAIT_S)
+                held = await asyncio.wait_for(turns.acquire(), TURN_WAIT_S)
             except asyncio.TimeoutError:
                 pass
         try:
             yield
         finally:
             if held:
-                self._turns.release()
+                turns.release()
 
     def _merge(self, chunk: Chunk, stream: Stream,
                scheduler: Scheduler | RemoteScheduler) -> tuple[Chunk, BaseException | None]:

@@ -176,6 +176,6 @@ def drive(server: ServerProcess, concurrency: int, requests: int, max_chars: int
         raise RuntimeError(f"clients.loadgen exited with code {proc.returncode}: {''.join(lines).strip()[-500:]}")
     result = json.loads(out.read_text())
     out.unlink()
-    result["loadgen_args"] = {k: result[k] for k in ("temperature", "top_k", "chunk_chars", "coalesce", "warmup")}
+    result["loadgen_args"] = {k: result[k] for k in ("temperature", "top_k", "chunk_chars", "warmup")}
     result["server_cpu_s"] = {k: after[k] - before[k] for k in after} if before and after else None
     return result

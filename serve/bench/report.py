@@ -39,11 +39,13 @@ def _key(r: dict) -> tuple:
 
 
 def msg_label(r: dict) -> str | None:
-    """A grpc record's characters per message: its chunk_chars, with + when its streams coalesced (that many or
-    more per message); None for other records."""
-    if r["chunk_chars"] is None:
-        return None
-    return f"{r['chunk_chars']}{'+' if r['details'].get('coalesce') else ''}"
+    """A grpc record's characters per message (see `chars_per_msg`); None for other records."""
+    return None if r["chunk_chars"] is None else chars_per_msg(r["chunk_chars"], r["details"].get("coalesce"))
+
+
+def chars_per_msg(chunk_chars: int, coalesce: bool) -> str:
+    """chunk_chars, with + when the streams coalesced (that many or more per message): 16, 1+."""
+    return f"{chunk_chars}{'+' if coalesce else ''}"
 
 
 def limit_key(device: str, threads: int) -> str:
@@ -315,7 +317,7 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _msgs_measured(r: dict) -> str:
+def _msg_label_measured(r: dict) -> str:
     """chars/msg for a table: coalesced rows add the mean that went in one message."""
     mean = r["details"].get("chars_per_msg")
     return f"{msg_label(r)} ({mean:.1f})" if r["details"].get("coalesce") and mean else msg_label(r)
@@ -427,7 +429,7 @@ def markdown(rep: dict) -> str:
         out.append(_table(["model", "backend", "concurrency", "chars/msg", "TTFC p50 ms", "TTFC p99 ms",
                            "inter-char p50 ms", "inter-char p99 ms", "mean ms/char", "chars/s", "vs eager",
                            "CPU cores", "errors"],
-                          [[r["model"], _label(r), r["concurrency"], _msgs_measured(r),
+                          [[r["model"], _label(r), r["concurrency"], _msg_label_measured(r),
                             _us(r["details"]["ttfc_ms"]["p50"]),
                             _us(r["details"]["ttfc_ms"]["p99"]), _ms(r["p50_us"]), _ms(r["p99_us"]), _ms(r["mean_us"]),
                             _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]), cpu_use(r, short=True),

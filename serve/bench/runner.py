@@ -256,7 +256,7 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
                                    log_dir=tmp, cpus=cfg.server_cpus)
             with server:
                 for c, k, co in points:
-                    msgs = f"{k}{'+' if co else ''} chars/msg"
+                    msgs = f"{report.chars_per_msg(k, co)} chars/msg"
                     progress.note(f"{m.model_id}: grpc {b}, concurrency {c}, {msgs}")
                     result = drive(server, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars, k, co,
                                    cpus=cfg.client_cpus, work_dir=tmp)

@@ -2,8 +2,8 @@
 
 Each scheduler owns a thread and its model's runtime (the only caller of `runtime.step`, so runtimes
 need not be thread-safe). A stream is anything with tokens to feed and an `advance(logits)` that
-consumes the logits after them (`advance_rows` for all streams of a class at once); the scheduler never
-looks at text. Every scheduler step:
+consumes the logits after them; the streams of a class in the decode batch advance together through
+their class's `Rows` (rebuilt only when the batch changes); the scheduler never looks at text. Every scheduler step:
 
 1. drop cancelled streams (their slot is free at once); admit resumed, then waiting streams while fewer
    than `max_batch` are prefilling or decoding;
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 
 class Stream:
-    """A request inside a scheduler. Subclasses implement `advance` (or `advance_rows`, a step's rows at once)."""
+    """A request inside a scheduler. Subclasses implement `advance` (and may have `rows` advance many at once)."""
 
     def __init__(self, tokens: np.ndarray, state=None):
         self.tokens = tokens  # (T,) int64 to feed before the next advance; T >= 1
@@ -55,13 +55,14 @@ class Stream:
         return self.produced - self.consumed
 
     def advance(self, logits: np.ndarray, now: float):
-        """Consume the logits (V,) after `tokens`: set `tokens` to the next one or `done`; return an event or None."""
+        """Consume the logits (V,) after `tokens`: set `tokens` to the next one, or `done` and return the last
+        event; return an event or None."""
         raise NotImplementedError
 
     @classmethod
-    def advance_rows(cls, streams: list["Stream"], logits: np.ndarray, now: float) -> list:
-        """`advance` for several streams of this class on their rows of logits (n, V); subclasses may batch it."""
-        return [s.advance(row, now) for s, row in zip(streams, logits)]
+    def rows(cls, streams: list["Stream"]) -> "Rows":
+        """These streams of this class, decoding together until the batch changes."""
+        return Rows(streams)
 
     def fail(self, exc: BaseException):
         """The event that ends this stream when the scheduler cannot run it."""
@@ -70,6 +71,31 @@ class Stream:
     def __getstate__(self) -> dict:
         """What goes to a worker process: everything but the consumer's side (its queue)."""
         return {k: v for k, v in self.__dict__.items() if k != "queue"}
+
+
+class Rows:
+    """Streams of one class in the decode batch, from when they join it until it changes (then `close`): the
+    tokens they feed next and what each step's logits make of them. This one advances them one by one; a
+    class may keep its streams' figures in arrays instead (serve.streams)."""
+
+    def __init__(self, streams: list[Stream]):
+        self.streams = streams
+
+    def tokens(self) -> np.ndarray:
+        """(n,) int64: each stream's next input."""
+        return np.fromiter((s.tokens[0] for s in self.streams), np.int64, len(self.streams))
+
+    def advance(self, logits: np.ndarray, now: float) -> list[tuple[int, object]]:
+        """Each stream on its row of logits (n, V): (row, event) for the rows with an event, in order."""
+        out = []
+        for i, (s, row) in enumerate(zip(self.streams, logits)):
+            event = s.advance(row, now)
+            if event is not None:
+                out.append((i, event))
+        return out
+
+    def close(self) -> None:
+        """Leave every stream as `advance` alone would have (the batch is about to change)."""
 
 
 class Scheduler:
@@ -85,6 +111,7 @@ class Scheduler:
         self._prefilling: list[Stream] = []  # each holds its own state
         self._decoding: list[Stream] = []  # row i of self._state is stream i's
         self._state = None
+        self._groups: list[tuple[np.ndarray | None, Rows]] | None = None  # _decoding by class (rows; None: all)
         self._paused: list[Stream] = []  # each holds its own state
         self._thread = threading.Thread(target=self._run, name=f"scheduler:{runtime.model_id}", daemon=True)
 
@@ -154,7 +181,7 @@ class Scheduler:
                 self.deliver(events)
 
     def _reset(self) -> None:
-        self._prefilling, self._decoding, self._paused, self._state = [], [], [], None
+        self._prefilling, self._decoding, self._paused, self._state, self._groups = [], [], [], None, None
 
     def _step(self, events: list) -> None:
         self._admit()
@@ -198,6 +225,7 @@ class Scheduler:
         ready = [s for s in self._prefilling if len(s.tokens) == 1]
         if ready:
             self._prefilling = [s for s in self._prefilling if len(s.tokens) > 1]
+            self._regroup()
             states = [s.state if s.state is not None else rt.new_state(1) for s in ready]
             self._state = rt.concat(([self._state] if self._decoding else []) + states)
             self._decoding += ready
@@ -207,37 +235,52 @@ class Scheduler:
     def _decode(self, events: list) -> None:
         """One backend step for every decoding stream; each samples its next token from its row."""
         batch = self._decoding
-        tokens = np.fromiter((s.tokens[0] for s in batch), np.int64, len(batch)).reshape(-1, 1)  # (B, 1)
-        logits, self._state = self.runtime.step(tokens, self._state)  # (B, V)
+        if self._groups is None:
+            self._groups = self._group(batch)
+        if len(self._groups) == 1:
+            tokens = self._groups[0][1].tokens()
+        else:
+            tokens = np.empty(len(batch), np.int64)
+            for rows, group in self._groups:
+                tokens[rows] = group.tokens()
+        logits, self._state = self.runtime.step(tokens.reshape(-1, 1), self._state)  # (B, V)
         if self.metrics:
             self.metrics.batch_size.observe(len(batch))
         now = time.perf_counter()
-        classes = {type(s) for s in batch}
-        if len(classes) == 1:  # the usual case: no regrouping
-            advanced = classes.pop().advance_rows(batch, logits, now)
-        else:
-            by_class = defaultdict(list)
-            for i, s in enumerate(batch):
-                by_class[type(s)].append(i)
-            advanced = [None] * len(batch)
-            for cls, rows in by_class.items():
-                for i, event in zip(rows, cls.advance_rows([batch[i] for i in rows], logits[rows], now)):
-                    advanced[i] = event
-        keep = []
-        for i, (s, event) in enumerate(zip(batch, advanced)):
-            if event is not None:
+        leaving = []
+        for rows, group in self._groups:
+            for j, event in group.advance(logits if rows is None else logits[rows], now):
+                s = batch[j if rows is None else rows[j]]
                 s.produced += 1
                 events.append((s, event))
-            if s.done or s.produced - s.consumed >= self.max_unsent:
+                if s.done or s.produced - s.consumed >= self.max_unsent:
+                    leaving.append(j if rows is None else int(rows[j]))
+        if leaving:
+            for i in leaving:
+                s = batch[i]
                 s.state = self.runtime.take(self._state, [i])
                 if not s.done:
                     s.paused = True  # before the events go out: see ack
                     self._paused.append(s)
-            else:
-                keep.append(i)
-        if len(keep) < len(batch):
-            self._leave(keep)
+            gone = set(leaving)
+            self._leave([i for i in range(len(batch)) if i not in gone])
+
+    @staticmethod
+    def _group(batch: list[Stream]) -> list[tuple[np.ndarray | None, Rows]]:
+        classes: dict[type, list[int]] = defaultdict(list)
+        for i, s in enumerate(batch):
+            classes[type(s)].append(i)
+        if len(classes) == 1:  # the usual case: all rows, no regrouping
+            return [(None, type(batch[0]).rows(batch))]
+        return [(np.array(rows), cls.rows([batch[i] for i in rows])) for cls, rows in classes.items()]
+
+    def _regroup(self) -> None:
+        """The decode batch is about to change: its streams take back their figures from the groups."""
+        for _, group in self._groups or ():
+            group.close()
+        self._groups = None
 
     def _leave(self, keep: list[int]) -> None:
+        self._regroup()
         self._decoding = [self._decoding[i] for i in keep]
         self._state = self.runtime.take(self._state, keep) if keep else None

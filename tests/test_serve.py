@@ -31,12 +31,15 @@ from protos.charrnn.v1 import charrnn_pb2 as pb
 from serve.config import ServerConfig
 from serve.engine import Engine
 from serve.errors import NotFound, SessionBusy, Unavailable
-from serve.scheduler import Stream
+from serve.metrics import ModelMetrics
+from serve.scheduler import Rows, Stream
 from serve.server import BackgroundServer
 from serve.sessions import Session, SessionCache
-from serve.types import Chunk, FinishReason, SessionState
+from serve.streams import GenerationRows, GenerationStream
+from serve.types import Chunk, FinishReason, GenerateRequest, SessionState
 from train.checkpoint import load_checkpoint, save_weights
 from train.sampling import generate
+from train.vocab import Vocab
 
 CELLS = ("rnn", "lstm", "gru")
 TEXT = "the quick brown fox jumps over the lazy dog.\nTHE END!\n"
@@ -180,6 +183,39 @@ def test_merging_stops_before_an_error_and_raises_it_after():
     merged, error = engine._merge(Chunk("a"), stream, acks)
     assert merged == Chunk("ab") and isinstance(error, Unavailable) and stream.queue.qsize() == 1
     assert acks.count == 4  # every event taken is acknowledged (backpressure)
+
+
+def test_streams_batched_in_arrays_send_what_they_would_one_by_one():
+    """GenerationRows (a batch's bookkeeping in arrays) against GenerationStream.accept (stream by stream): the
+    same next tokens, events, stats and metrics, through streams that finish, regroup mid-chunk and stop."""
+    vocab = Vocab("abcdef")
+    reqs = [GenerateRequest("m", "ab", max_chars=40 + 7 * i, temperature=[0.0, 1.0, 0.7][i % 3], top_k=[0, 3][i % 2],
+                            top_p=[1.0, 0.8][i // 3 % 2], seed=i, chunk_chars=1 + i % 5,
+                            stop=(("ca", "fed") if i % 4 == 1 else ())) for i in range(10)]
+
+    def streams(metrics):
+        return [GenerationStream(vocab.encode("ab"), None, r, vocab, SessionState.NONE, 0.0, metrics) for r in reqs]
+
+    one_m, many_m, rng = ModelMetrics(), ModelMetrics(), np.random.default_rng(0)
+    one, many = streams(one_m), streams(many_m)
+    group, seen = GenerationStream.rows(many), []
+    assert isinstance(group, GenerationRows)
+    for step in range(1, 200):
+        if not one:
+            break
+        np.testing.assert_array_equal(group.tokens(), Rows(one).tokens())
+        logits = rng.standard_normal((len(one), len(vocab))).astype(np.float32)
+        events = Rows(one).advance(logits, float(step))
+        assert group.advance(logits, float(step)) == events
+        seen += [e for _, e in events]
+        if any(s.done for s in one) or step % 9 == 0:  # the batch changes (or is rebuilt): regroup
+            group.close()
+            one, many = [s for s in one if not s.done], [s for s in many if not s.done]
+            group = GenerationStream.rows(many)
+    assert not one and any(e.finish_reason == FinishReason.STOP for e in seen)
+    assert any(e.finish_reason == FinishReason.LENGTH and e.stats.generated_chars == 40 for e in seen)
+    for a, b in ((one_m.ttfc, many_m.ttfc), (one_m.inter_char, many_m.inter_char)):
+        assert a.counts == b.counts and a.sum == pytest.approx(b.sum)
 
 
 @pytest.mark.parametrize("cell", CELLS)

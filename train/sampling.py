@@ -60,44 +60,67 @@ def sample_many(logits: np.ndarray, temperature, top_k, top_p, rngs) -> np.ndarr
 
     Row i's draw equals sample(logits[i], temperature[i], top_k[i], top_p[i], rngs[i]) and so does not
     depend on the rest of the batch (a test checks both): the server samples all its streams in one
-    call (64 rows: ~0.3 ms instead of ~4.7 ms), and a seeded stream gives the same text alone or among
-    others. Greedy rows (temperature <= 0) take no random number.
+    call (64 rows: ~0.07 ms, ~0.05 prepared as a BatchSampler, against ~0.5 ms one by one), and a seeded
+    stream gives the same text alone or among others. Greedy rows (temperature <= 0) take no random number.
     """
     logits = np.asarray(logits)
-    B, V = logits.shape
-    if B == 1:  # one stream: the scalar path is ~3x cheaper than the batch bookkeeping
-        return np.array([sample(logits[0], temperature[0], top_k[0], top_p[0], rngs[0])])
-    t = np.asarray(temperature, np.float64)
-    out = np.argmax(logits, axis=1)
-    rows = np.flatnonzero(t > 0)
-    if rows.size == 0:
+    return BatchSampler(temperature, top_k, top_p, rngs, logits.shape[1])(logits)
+
+
+class BatchSampler:
+    """`sample_many` for rows that keep their settings from step to step: what does not depend on the logits
+    is worked out once (the server makes one when streams join or leave its batch, not every step)."""
+
+    def __init__(self, temperature, top_k, top_p, rngs, vocab_size: int):
+        t = np.asarray(temperature, np.float64)
+        self.size, self.V = len(t), vocab_size
+        if self.size == 1:  # one stream: the scalar path is ~3x cheaper than the batch bookkeeping
+            self.one = (float(t[0]), int(top_k[0]), float(top_p[0]), rngs[0])
+            return
+        self.one = None
+        rows = self.rows = np.flatnonzero(t > 0)  # greedy rows take argmax and no random number
+        self.every_row = rows.size == self.size
+        self.t = t[rows, None]
+        k = np.asarray(top_k, np.int64)[rows]
+        self.cut = np.flatnonzero((k > 0) & (k < vocab_size))  # rows of z kept to their top k
+        self.kth = vocab_size - k[self.cut]  # the k-th largest's place in a sorted row
+        tp = np.asarray(top_p, np.float64)[rows]
+        self.nucleus = np.flatnonzero(tp < 1.0)  # rows of z kept to their top-p nucleus
+        self.top_p = tp[self.nucleus, None]
+        self.rngs = [rngs[i] for i in rows.tolist()]
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        if self.one is not None:
+            return np.array([sample(logits[0], *self.one)])
+        if self.rows.size == 0:
+            return np.argmax(logits, axis=1)
+        V = self.V
+        z = (logits if self.every_row else logits[self.rows]).astype(np.float64) / self.t  # (R, V)
+        if self.cut.size:
+            zc = z[self.cut]
+            kth = np.sort(zc, axis=1)[np.arange(self.cut.size), self.kth]  # the k-th largest of each row
+            zc[zc < kth[:, None]] = -np.inf
+            z[self.cut] = zc
+        p = np.exp(z - z.max(axis=1, keepdims=True))  # unnormalised: the draw below scales by the total
+        if self.nucleus.size:
+            q = p[self.nucleus]
+            q /= q.sum(axis=1, keepdims=True)
+            order = np.argsort(-q, axis=1, kind="stable")
+            cum = np.cumsum(np.take_along_axis(q, order, axis=1), axis=1)
+            keep = (cum < self.top_p).sum(axis=1) + 1  # the smallest prefix with mass >= top_p
+            rank = np.empty_like(order)
+            np.put_along_axis(rank, order, np.broadcast_to(np.arange(V), order.shape), axis=1)
+            q[rank >= keep[:, None]] = 0.0
+            p[self.nucleus] = q
+        # inverse-CDF draw, as Generator.choice(p=...) does, without its per-call validation
+        cdf = np.cumsum(p, axis=1)
+        u = np.fromiter([rng.random() for rng in self.rngs], np.float64, self.rows.size) * cdf[:, -1]
+        draws = np.minimum((cdf <= u[:, None]).sum(axis=1), V - 1)
+        if self.every_row:
+            return draws
+        out = np.argmax(logits, axis=1)
+        out[self.rows] = draws
         return out
-    z = (logits if rows.size == B else logits[rows]).astype(np.float64) / t[rows, None]  # (R, V)
-    k = np.asarray(top_k, np.int64)[rows]
-    cut = (k > 0) & (k < V)
-    if cut.any():
-        kth = np.sort(z[cut], axis=1)[np.arange(cut.sum()), V - k[cut]]  # the k-th largest of each row
-        zc = z[cut]
-        zc[zc < kth[:, None]] = -np.inf
-        z[cut] = zc
-    p = np.exp(z - z.max(axis=1, keepdims=True))  # unnormalised: the draw below scales by the total
-    tp = np.asarray(top_p, np.float64)[rows]
-    nucleus = tp < 1.0
-    if nucleus.any():
-        q = p[nucleus]
-        q /= q.sum(axis=1, keepdims=True)
-        order = np.argsort(-q, axis=1, kind="stable")
-        cum = np.cumsum(np.take_along_axis(q, order, axis=1), axis=1)
-        keep = (cum < tp[nucleus, None]).sum(axis=1) + 1  # the smallest prefix with mass >= top_p
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(np.arange(V), order.shape), axis=1)
-        q[rank >= keep[:, None]] = 0.0
-        p[nucleus] = q
-    # inverse-CDF draw, as Generator.choice(p=...) does, without its per-call validation
-    cdf = np.cumsum(p, axis=1)
-    u = np.array([rngs[i].random() for i in rows.tolist()]) * cdf[:, -1]
-    out[rows] = np.minimum((cdf <= u[:, None]).sum(axis=1), V - 1)
-    return out
 
 
 def generate(model: CharRNN, vocab: Vocab, prompt: str, n: int, temperature: float = 0.0,

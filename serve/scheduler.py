@@ -3,7 +3,8 @@
 Each scheduler owns a thread and its model's runtime (the only caller of `runtime.step`, so runtimes
 need not be thread-safe). A stream is anything with tokens to feed and an `advance(logits)` that
 consumes the logits after them; the streams of a class in the decode batch advance together through
-their class's `Rows` (rebuilt only when the batch changes); the scheduler never looks at text. Every scheduler step:
+their class's `Rows`, which streams join and leave between steps; the scheduler never looks at text.
+Every scheduler step:
 
 1. drop cancelled streams (their slot is free at once); admit resumed, then waiting streams while fewer
    than `max_batch` are prefilling or decoding;
@@ -93,6 +94,14 @@ class Rows:
             if event is not None:
                 out.append((i, event))
         return out
+
+    def join(self, streams: list[Stream]) -> "Rows":
+        """These rows and, after them, streams of the same class joining the batch (this group or a new one)."""
+        return type(self.streams[0]).rows(self.streams + streams)
+
+    def keep(self, rows: list[int]) -> "Rows":
+        """Only these rows (at least one): the others leave the batch, their figures back on them."""
+        return type(self.streams[0]).rows([self.streams[i] for i in rows])
 
     def close(self) -> None:
         """Leave every stream as `advance` alone would have (the batch is about to change)."""
@@ -225,7 +234,11 @@ class Scheduler:
         ready = [s for s in self._prefilling if len(s.tokens) == 1]
         if ready:
             self._prefilling = [s for s in self._prefilling if len(s.tokens) > 1]
-            self._regroup()
+            group = self._one_group()
+            if group is not None and all(type(s) is type(self._decoding[0]) for s in ready):
+                self._groups = [(None, group.join(ready))]
+            else:
+                self._regroup()
             states = [s.state if s.state is not None else rt.new_state(1) for s in ready]
             self._state = rt.concat(([self._state] if self._decoding else []) + states)
             self._decoding += ready
@@ -274,13 +287,21 @@ class Scheduler:
             return [(None, type(batch[0]).rows(batch))]
         return [(np.array(rows), cls.rows([batch[i] for i in rows])) for cls, rows in classes.items()]
 
+    def _one_group(self) -> Rows | None:
+        """The group of the whole decode batch, when its streams are all of one class and grouped already."""
+        return self._groups[0][1] if self._groups is not None and len(self._groups) == 1 else None
+
     def _regroup(self) -> None:
-        """The decode batch is about to change: its streams take back their figures from the groups."""
+        """The decode batch is about to change: its streams take back their figures, to be grouped again."""
         for _, group in self._groups or ():
             group.close()
         self._groups = None
 
     def _leave(self, keep: list[int]) -> None:
-        self._regroup()
+        group = self._one_group()
+        if group is not None and keep:
+            self._groups = [(None, group.keep(keep))]
+        else:
+            self._regroup()
         self._decoding = [self._decoding[i] for i in keep]
         self._state = self.runtime.take(self._state, keep) if keep else None

@@ -83,78 +83,106 @@ class GenerationStream(Stream):
 
 
 class GenerationRows(Rows):
-    """Generation streams decoding together, with their counts and unsent characters in arrays and their
-    sampler prepared once: a step costs Python only for the rows that send a message, watch for a stop
-    sequence or see their first character. Each stream sends exactly what `GenerationStream.accept` would
-    make it send (a test checks)."""
+    """Generation streams decoding together, their settings and counts in one structured array and their unsent
+    characters in another: a step costs Python only for the rows that send a message, watch for a stop sequence
+    or see their first character, and streams join and leave without the others being gathered again. Each
+    stream sends exactly what `GenerationStream.accept` would make it send (a test checks)."""
+
+    ROW = np.dtype([("temperature", np.float64), ("top_k", np.int64), ("top_p", np.float64), ("max_chars", np.int64),
+                    ("chunk", np.int64), ("watch", bool), ("generated", np.int64), ("last", np.float64),
+                    ("held", np.int64), ("next", np.int64)])  # held: characters sampled, not yet sent
 
     def __init__(self, streams: list[GenerationStream]):
-        super().__init__(streams)
-        reqs = [s.req for s in streams]
+        super().__init__([])
         vocab, self.metrics = streams[0].vocab, streams[0].metrics  # a scheduler's streams share both
-        self.chars = vocab.chars
-        self.sampler = BatchSampler([r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs],
-                                    [s.rng for s in streams], len(vocab))
-        self.generated = np.array([s.generated for s in streams])
-        self.max_chars = np.array([r.max_chars for r in reqs])
-        self.chunk = np.array([r.chunk_chars for r in reqs])
-        self.last = np.array([s.last for s in streams])
-        self.all = np.arange(len(streams))
-        self.held = np.zeros((len(streams), int(self.chunk.max())), np.int64)  # sampled, not yet sent
-        self.n_held = np.array([len(s.buf) for s in streams])
+        self.chars, self.index = vocab.chars, vocab.index
+        self.r = np.zeros(0, self.ROW)
+        self.held = np.zeros((0, 1), np.int64)  # row i's unsent characters: held[i, :r["held"][i]]
+        self.join(streams)
+
+    def join(self, streams):
+        new = np.array([(s.req.temperature, s.req.top_k, s.req.top_p, s.req.max_chars, s.req.chunk_chars,
+                         bool(s.longest_stop), s.generated, s.last, len(s.buf), s.tokens[0]) for s in streams],
+                       self.ROW)
+        held = np.zeros((len(streams), max(self.held.shape[1], int(new["chunk"].max()))), np.int64)
         for i, s in enumerate(streams):
-            self.held[i, :len(s.buf)] = [vocab.index[ch] for ch in s.buf]
-        self.watch = [i for i, s in enumerate(streams) if s.longest_stop]  # rows that match stop sequences
-        self.next: np.ndarray | None = None  # the tokens sampled last step: the next inputs
+            held[i, :len(s.buf)] = [self.index[ch] for ch in s.buf]
+        self.held = np.concatenate([np.pad(self.held, ((0, 0), (0, held.shape[1] - self.held.shape[1]))), held])
+        self.r = np.concatenate([self.r, new])
+        self.streams = self.streams + streams
+        return self._prepare()
+
+    def keep(self, rows):
+        if len(rows) < VECTOR_ROWS:
+            self.close()
+            return Rows([self.streams[i] for i in rows])
+        kept = set(rows)
+        self._write_back([i for i in range(len(self.streams)) if i not in kept])
+        self.r, self.held, self.streams = self.r[rows], self.held[rows], [self.streams[i] for i in rows]
+        return self._prepare()
+
+    def close(self) -> None:
+        self._write_back(range(len(self.streams)))
+
+    def _prepare(self) -> "GenerationRows":
+        r, streams = self.r, self.streams
+        self.sampler = BatchSampler(r["temperature"], r["top_k"], r["top_p"], [s.rng for s in streams], len(self.chars))
+        self.watch = np.flatnonzero(r["watch"]).tolist()  # rows that match stop sequences
+        self.all = np.arange(len(streams))
+        return self
+
+    def _write_back(self, rows) -> None:
+        """The figures of these rows, back on their streams (those not done)."""
+        r, chars = self.r, self.chars
+        for i in rows:
+            s = self.streams[i]
+            if not s.done:
+                s.generated, s.last = int(r["generated"][i]), float(r["last"][i])
+                s.buf = [chars[t] for t in self.held[i, :r["held"][i]].tolist()]
+                s.tokens = np.array([r["next"][i]], np.int64)
 
     def tokens(self) -> np.ndarray:
-        return super().tokens() if self.next is None else self.next
+        return np.ascontiguousarray(self.r["next"])
 
     def advance(self, logits, now):
-        tokens = self.next = self.sampler(logits)
-        self.held[self.all, self.n_held] = tokens
-        self.n_held += 1
-        streams, chars = self.streams, self.chars
-        fresh = np.flatnonzero(self.generated == 0).tolist()
+        r, streams, chars = self.r, self.streams, self.chars
+        tokens = self.sampler(logits)
+        r["next"] = tokens
+        n_held = r["held"]
+        self.held[self.all, n_held] = tokens
+        n_held += 1
+        generated = r["generated"]
+        fresh = np.flatnonzero(generated == 0).tolist()
         for i in fresh:
             streams[i].first = now
             if self.metrics:
                 self.metrics.ttfc.observe(now - streams[i].arrived)
         if self.metrics:
-            self.metrics.inter_char.observe_many(now - (np.delete(self.last, fresh) if fresh else self.last))
-        self.last[:] = now
-        self.generated += 1
+            self.metrics.inter_char.observe_many(now - (np.delete(r["last"], fresh) if fresh else r["last"]))
+        r["last"] = now
+        generated += 1
         stops = {}
         for i in self.watch:
             stop = streams[i].match_stop(chars[tokens[i]])
             if stop is not None:
                 stops[i] = stop
-        ends = self.generated >= self.max_chars
-        due = np.flatnonzero(ends | (self.n_held >= self.chunk))
+        ends = generated >= r["max_chars"]
+        due = np.flatnonzero(ends | (n_held >= r["chunk"]))
         if stops:
             due = np.union1d(due, list(stops))
         if not due.size:
             return []
         out = []
-        rows = zip(due.tolist(), self.held[due].tolist(), self.n_held[due].tolist(), ends[due].tolist())
-        for i, held, n, end in rows:
+        for i, held, n, end in zip(due.tolist(), self.held[due].tolist(), n_held[due].tolist(), ends[due].tolist()):
             text = "".join([chars[t] for t in held[:n]])
             if end or i in stops:
                 s = streams[i]
-                s.generated, s.last, s.buf = int(self.generated[i]), now, []
+                s.generated, s.last, s.buf = int(generated[i]), now, []
                 out.append((i, s.finish(int(tokens[i]), text, stops.get(i))))
             else:
                 out.append((i, Chunk(text)))
-        self.n_held[due] = 0
+        n_held[due] = 0
         return out
-
-    def close(self) -> None:
-        for i, s in enumerate(self.streams):
-            if not s.done:
-                s.generated, s.last = int(self.generated[i]), float(self.last[i])
-                s.buf = [self.chars[t] for t in self.held[i, :self.n_held[i]].tolist()]
-                if self.next is not None:
-                    s.tokens = self.next[i:i + 1]
 
 
 class PredictionJob(Stream):

@@ -187,32 +187,43 @@ def test_merging_stops_before_an_error_and_raises_it_after():
 
 def test_streams_batched_in_arrays_send_what_they_would_one_by_one():
     """GenerationRows (a batch's bookkeeping in arrays) against GenerationStream.accept (stream by stream): the
-    same next tokens, events, stats and metrics, through streams that finish, regroup mid-chunk and stop."""
+    same next tokens, events, stats and metrics, while streams join, finish, stop and are regrouped mid-chunk."""
     vocab = Vocab("abcdef")
     reqs = [GenerateRequest("m", "ab", max_chars=40 + 7 * i, temperature=[0.0, 1.0, 0.7][i % 3], top_k=[0, 3][i % 2],
                             top_p=[1.0, 0.8][i // 3 % 2], seed=i, chunk_chars=1 + i % 5,
                             stop=(("ca", "fed") if i % 4 == 1 else ())) for i in range(10)]
 
     def streams(metrics):
-        return [GenerationStream(vocab.encode("ab"), None, r, vocab, SessionState.NONE, 0.0, metrics) for r in reqs]
+        return [GenerationStream(vocab.encode("ab")[-1:], None, r, vocab, SessionState.NONE, 0.0, metrics)
+                for r in reqs]
 
     one_m, many_m, rng = ModelMetrics(), ModelMetrics(), np.random.default_rng(0)
-    one, many = streams(one_m), streams(many_m)
-    group, seen = GenerationStream.rows(many), []
-    assert isinstance(group, GenerationRows)
+    one_all, many_all = streams(one_m), streams(many_m)
+    joins = {1: range(0, 6), 5: range(6, 8), 85: range(8, 10)}  # step: the streams that join before it
+    one, many, group, seen, kinds = [], [], None, [], set()
     for step in range(1, 200):
+        if step in joins:
+            one += [one_all[i] for i in joins[step]]
+            new = [many_all[i] for i in joins[step]]
+            group = GenerationStream.rows(new) if group is None else group.join(new)
+            many += new
         if not one:
             break
+        kinds.add(type(group))
         np.testing.assert_array_equal(group.tokens(), Rows(one).tokens())
         logits = rng.standard_normal((len(one), len(vocab))).astype(np.float32)
         events = Rows(one).advance(logits, float(step))
         assert group.advance(logits, float(step)) == events
         seen += [e for _, e in events]
-        if any(s.done for s in one) or step % 9 == 0:  # the batch changes (or is rebuilt): regroup
+        keep = [i for i, s in enumerate(one) if not s.done]
+        if len(keep) < len(one):  # streams left the batch
+            group = group.keep(keep) if keep else None
+            one, many = [one[i] for i in keep], [many[i] for i in keep]
+        if step % 9 == 0 and group is not None:  # the batch regrouped, mid-chunk
             group.close()
-            one, many = [s for s in one if not s.done], [s for s in many if not s.done]
             group = GenerationStream.rows(many)
-    assert not one and any(e.finish_reason == FinishReason.STOP for e in seen)
+    assert not one and kinds == {Rows, GenerationRows}
+    assert any(e.finish_reason == FinishReason.STOP for e in seen)
     assert any(e.finish_reason == FinishReason.LENGTH and e.stats.generated_chars == 40 for e in seen)
     for a, b in ((one_m.ttfc, many_m.ttfc), (one_m.inter_char, many_m.inter_char)):
         assert a.counts == b.counts and a.sum == pytest.approx(b.sum)

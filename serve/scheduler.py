@@ -62,7 +62,7 @@ class Stream:
 
     @classmethod
     def rows(cls, streams: list["Stream"]) -> "Rows":
-        """These streams of this class, decoding together until the batch changes."""
+        """These streams of this class, decoding together (see Rows)."""
         return Rows(streams)
 
     def fail(self, exc: BaseException):
@@ -75,9 +75,10 @@ class Stream:
 
 
 class Rows:
-    """Streams of one class in the decode batch, from when they join it until it changes (then `close`): the
-    tokens they feed next and what each step's logits make of them. This one advances them one by one; a
-    class may keep its streams' figures in arrays instead (serve.streams)."""
+    """Streams of one class in the decode batch: the tokens they feed next and what each step's logits make of
+    them. Streams join and leave between steps (`join`, `keep`); `close` hands every stream its figures back
+    when the batch is grouped anew. This one advances its streams one by one; a class may keep their figures
+    in arrays instead (serve.streams.GenerationRows)."""
 
     def __init__(self, streams: list[Stream]):
         self.streams = streams

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from serve.bench.backends import BACKENDS
-from serve.bench.report import MODES
+from serve.bench.report import MIN_GRPC_REQUESTS, MODES
 from serve.bench.runner import BenchError, run
 from train.model import CELLS
 
@@ -90,8 +90,8 @@ class BenchConfig:
     refeed_windows: tuple[int, ...] = _opt((), "re-feeding window lengths; default: 50 and the model's seq_len",
                                            _ints)
     grpc_chars: int | None = _opt(None, "max_chars of each gRPC request [full: 200; quick: 50]")
-    grpc_requests: int | None = _opt(None, "gRPC requests per concurrent stream (at least 8 in all) "
-                                           "[full: 2; quick: 1]")
+    grpc_requests: int | None = _opt(None, f"gRPC requests per concurrent stream (at least {MIN_GRPC_REQUESTS} "
+                                           "in all) [full: 2; quick: 1]")
     out: Path = _opt(Path("reports"), "output directory for latency.md, latency.json and the PNG plots")
     quick: bool = _opt(False, "short timings and the target models only (LSTM/GRU at hidden 128 and 512)")
     parity: dict = field(default=None, metadata={"cli": False})  # export parity overrides, from the preset

@@ -258,8 +258,8 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
                 for c, k, co in points:
                     msgs = f"{report.chars_per_msg(k, co)} chars/msg"
                     progress.note(f"{m.model_id}: grpc {b}, concurrency {c}, {msgs}")
-                    result = drive(server, c, max(8, c * cfg.grpc_requests), cfg.grpc_chars, k, co,
-                                   cpus=cfg.client_cpus, work_dir=tmp)
+                    requests = max(report.MIN_GRPC_REQUESTS, c * cfg.grpc_requests)
+                    result = drive(server, c, requests, cfg.grpc_chars, k, co, cpus=cfg.client_cpus, work_dir=tmp)
                     records.append(_grpc_record(m, b, p, result, primary, server))
                     done += 1
                     progress.advance(f"{m.model_id}: {what}, concurrency {c}, {msgs}")

@@ -89,8 +89,8 @@ class GenerationRows(Rows):
     stream sends exactly what `GenerationStream.accept` would make it send (a test checks)."""
 
     ROW = np.dtype([("temperature", np.float64), ("top_k", np.int64), ("top_p", np.float64), ("max_chars", np.int64),
-                    ("chunk", np.int64), ("watch", bool), ("generated", np.int64), ("last", np.float64),
-                    ("n_held", np.int64), ("next", np.int64)])  # n_held: characters sampled, not yet sent
+                    ("chunk", np.int64), ("generated", np.int64), ("last", np.float64), ("n_held", np.int64),
+                    ("next", np.int64), ("watch", bool)], align=True)  # n_held: characters sampled, not yet sent
 
     def __init__(self, streams: list[GenerationStream]):
         super().__init__([])
@@ -101,9 +101,8 @@ class GenerationRows(Rows):
         self.join(streams)
 
     def join(self, streams):
-        new = np.array([(s.req.temperature, s.req.top_k, s.req.top_p, s.req.max_chars, s.req.chunk_chars,
-                         bool(s.longest_stop), s.generated, s.last, len(s.buf), s.tokens[0]) for s in streams],
-                       self.ROW)
+        new = np.array([(s.req.temperature, s.req.top_k, s.req.top_p, s.req.max_chars, s.req.chunk_chars, s.generated,
+                         s.last, len(s.buf), s.tokens[0], bool(s.longest_stop)) for s in streams], self.ROW)
         held = np.zeros((len(streams), max(self.held.shape[1], int(new["chunk"].max()))), np.int64)
         for i, s in enumerate(streams):
             held[i, :len(s.buf)] = [self.index[ch] for ch in s.buf]

@@ -10,7 +10,6 @@ import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString

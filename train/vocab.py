@@ -25,6 +25,9 @@ class Vocab:
     def __eq__(self, other) -> bool:
         return isinstance(other, Vocab) and other.chars == self.chars
 
+    def __reduce__(self):
+        return Vocab, (self.chars,)  # pickled as its characters (the server sends it with every stream)
+
     def encode(self, text: str) -> np.ndarray:
         """text -> int64 ids; a character outside the vocabulary is a VocabError naming it."""
         try:

@@ -50,7 +50,7 @@ step tests 150 python3 -m pytest -q -rs tests/test_bench.py::test_cuda_graph_ste
 step bench-gpu 200 python3 -m serve.bench --quick --backends torch,torch-cuda,torch-cudagraph,ort-cpu \
   --modes step,limit --out "$WORK/bench-gpu"
 step bench-grpc 200 python3 -m serve.bench --cells lstm --hidden-sizes 128,256 --backends ort-cpu --modes grpc \
-  --concurrency 1,64 --grpc-chars 500 --grpc-requests 3 --server-cpus "${SERVER_CPUS:-0,1}" \
+  --concurrency 1,64 --chunk-chars 1,16,64 --grpc-chars 500 --grpc-requests 3 --server-cpus "${SERVER_CPUS:-0,1}" \
   --client-cpus "${CLIENT_CPUS:-2-5}" --out "$WORK/bench-grpc"
 for name in bench-gpu bench-grpc; do  # the tables and records; the plots stay behind
   cp "$WORK/$name/latency.md" "$OUT/$name.md" 2>/dev/null && cp "$WORK/$name/latency.json" "$OUT/$name.json"

@@ -479,6 +479,44 @@ def wait_until(cond, timeout=5.0):
     return True
 
 
+def test_a_stream_paused_out_of_a_batch_and_back_keeps_its_text(models_dir, eager):
+    """Backpressure in a batch big enough for its bookkeeping to be in arrays (GenerationRows): the stalled stream
+    leaves the batch with its figures and rejoins it later, Predict jobs regroup the batch mid-chunk meanwhile,
+    and every text is still the eager one."""
+    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG, max_unsent=16)
+    model, prompts = model_name("gru"), ["a dog ", "over ", "quick ", "lazy ", "fox "]
+    started, finished = threading.Barrier(len(prompts) + 1), threading.Event()
+
+    def other(prompt):  # in the batch from before the stall until after the resumed stream has finished
+        call = api.stub(bg.target).Generate(api.generate_request(model, prompt, BIG, chunk_chars=7), timeout=60)
+        text = next(call).text
+        started.wait(timeout=30)
+        for m in call:
+            text += m.text
+            if finished.is_set():
+                call.cancel()
+                return text
+
+    with BackgroundServer(cfg) as bg, ThreadPoolExecutor(len(prompts)) as pool:
+        others = [pool.submit(other, p) for p in prompts]
+        try:
+            started.wait(timeout=30)
+            options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+            stalled = api.pb_grpc.GeneratorStub(grpc.insecure_channel(bg.target, options))
+            call = stalled.Generate(api.generate_request(model, "the ", 1500, chunk_chars=3), timeout=60)
+            first = next(call).text
+            time.sleep(0.2)  # the client reads nothing: its stream pauses and leaves the batch of six
+            for _ in range(3):  # a job of another class joins the batch: the streams are grouped anew, mid-chunk
+                api.predict(api.stub(bg.target), model, "the lazy ", top_k=3)
+            text = first + "".join(m.text for m in call)  # reading again: it rejoins the five
+        finally:
+            finished.set()
+        assert text == reference(eager, model, "the ", 1500)
+        for p, f in zip(prompts, others):
+            got = f.result()
+            assert got == reference(eager, model, p, len(got))
+
+
 def test_capacity_and_cancelled_stream_frees_its_slot(small):
     stub = api.stub(small.target)
     call = stub.Generate(api.generate_request(model_name("lstm"), "the ", BIG, session_id="cancelled"), timeout=60)

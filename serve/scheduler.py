@@ -264,11 +264,12 @@ class Scheduler:
         leaving = []
         for rows, group in self._groups:
             for j, event in group.advance(logits if rows is None else logits[rows], now):
-                s = batch[j if rows is None else rows[j]]
+                i = j if rows is None else int(rows[j])
+                s = batch[i]
                 s.produced += 1
                 events.append((s, event))
                 if s.done or s.produced - s.consumed >= self.max_unsent:
-                    leaving.append(j if rows is None else int(rows[j]))
+                    leaving.append(i)
         if leaving:
             for i in leaving:
                 s = batch[i]

@@ -1,25 +1,31 @@
 """Drive the server with N concurrent generation streams and report latency and throughput.
 
-    python -m clients.loadgen --concurrency N --requests M [--max-chars K] [--model ID] [--out FILE]
+    python -m clients.loadgen --concurrency N --requests M [--max-chars K] [--model ID] [--processes P]
+                              [--out FILE]
 
 Client-side figures: time to first character (request sent -> first text received), inter-character
 latency (the gap between consecutive messages of a stream, shared equally by the characters of the later
 message; exact at --chunk-chars 1 without --coalesce), characters per message, aggregate characters per
 second (all characters received / wall time of the run) and errors by status code; also the CPU time this
 client used while timing (a load generator that needs a whole core measures itself, not the server).
-Printed, and written as JSON to --out.
+Printed, and written as JSON to --out. --processes P spreads the streams and the requests over P client
+processes (one asyncio client tops out at about one core), each with its own channel, warm-up and
+share of the requests; they start timing together and their figures are merged.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from queue import Empty
 
 import grpc
 import numpy as np
@@ -76,8 +82,7 @@ def summarize(records: list[Record], wall_s: float) -> dict:
     }
 
 
-async def run(args) -> dict:
-    stub = api.aio_stub(args.target)
+async def find_model(stub, args) -> pb.ModelInfo:
     try:
         models = {m.id: m for m in (await stub.ListModels(pb.ListModelsRequest(), timeout=10)).models}
     except grpc.aio.AioRpcError as e:
@@ -87,6 +92,27 @@ async def run(args) -> dict:
     model = models.get(args.model or next(iter(models)))
     if model is None:
         raise SystemExit(f"unknown model {args.model!r}; the server has {', '.join(models)}")
+    return model
+
+
+@dataclass
+class Part:
+    """What one process measured. Its window is time.perf_counter, CLOCK_MONOTONIC on Linux: one clock for
+    the whole system, so windows from several processes compare."""
+    model: pb.ModelInfo
+    records: list[Record]
+    start: float
+    end: float
+    cpu_s: float  # this process's CPU time in its window
+    cpus: list[int] | None  # where it ran
+
+
+async def drive_part(args, k: int, parts: int, start_gate) -> Part:
+    """Part k of `parts`: streams k, k + parts, ... of --concurrency run requests k, k + parts, ... of --requests
+    (request i built the same whatever the parts). Looks up the model and warms up first, then calls
+    `start_gate()` and times the rest."""
+    stub = api.aio_stub(args.target)
+    model = await find_model(stub, args)
     prompts = [args.prompt] if args.prompt else \
         [p for p in ("".join(c for c in p if c in model.vocab) for p in PROMPTS) if p] or [model.vocab[0]]
 
@@ -97,22 +123,98 @@ async def run(args) -> dict:
 
     for i in range(args.warmup):
         await one(stub, request(i), args.timeout)
-    todo = iter(range(args.requests))
+    todo = iter(range(k, args.requests, parts))
     records: list[Record] = []
 
     async def worker():
         for i in todo:  # a shared iterator: each request is taken once
             records.append(await one(stub, request(i), args.timeout))
 
-    print(f"{TIMING} {args.requests} requests, {args.concurrency} at a time", flush=True)
+    start_gate()
     t0, cpu0 = time.perf_counter(), time.process_time()
-    await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-    wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+    await asyncio.gather(*(worker() for _ in range(k, args.concurrency, parts)))
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    return Part(model, records, t0, time.perf_counter(), time.process_time() - cpu0, cpus)
+
+
+def say_timing(args) -> None:
+    print(f"{TIMING} {args.requests} requests, {args.concurrency} at a time", flush=True)
+
+
+def start_timeout(args) -> float:
+    """Seconds the processes may take to reach the start: spawning and imports, the lookup, the warm-up."""
+    return 60 + 10 + args.warmup * args.timeout
+
+
+def child(args, k: int, barrier, queue) -> None:
+    """Process k: its Part through `queue`, or the message that stopped it (and the barrier broken, so that
+    nobody waits for it)."""
+    try:
+        queue.put(asyncio.run(drive_part(args, k, args.processes, lambda: barrier.wait(start_timeout(args)))))
+    except threading.BrokenBarrierError:
+        pass  # another process stopped first, and said why
+    except BaseException as e:
+        queue.put(str(e) if isinstance(e, SystemExit) else f"error: client process {k}: {e!r}")
+        barrier.abort()
+        if not isinstance(e, SystemExit):
+            raise
+
+
+def receive(queue, procs) -> Part:
+    """The next Part; a message from a process, or a process dead without one, ends the run."""
+    while True:
+        # looked at before the get: a process that died after sending has its Part in the queue by then
+        dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+        try:
+            got = queue.get(timeout=1)
+        except Empty:
+            if dead:
+                raise SystemExit(f"error: a client process exited with code {dead[0]}") from None
+            continue
+        if isinstance(got, str):
+            raise SystemExit(got)
+        return got
+
+
+def why_stopped(queue, args) -> str:
+    try:
+        return queue.get(timeout=10)  # a process that breaks the barrier says why first
+    except Empty:
+        return f"error: the client processes did not all start within {start_timeout(args):.0f} s"
+
+
+def run_processes(args) -> list[Part]:
+    """The parts in --processes processes, spawned (gRPC's threads do not survive a fork). They all look up
+    and warm up, then start together at a barrier with this one, which says when timing starts."""
+    ctx = multiprocessing.get_context("spawn")
+    barrier, queue = ctx.Barrier(args.processes + 1), ctx.Queue()
+    procs = [ctx.Process(target=child, args=(args, k, barrier, queue)) for k in range(args.processes)]
+    try:
+        for p in procs:
+            p.start()
+        try:
+            barrier.wait(start_timeout(args))
+        except threading.BrokenBarrierError:
+            raise SystemExit(why_stopped(queue, args)) from None
+        say_timing(args)
+        return [receive(queue, procs) for _ in procs]
+    finally:
+        for p in procs:  # each has sent all it had, or it is no longer wanted
+            if p.pid is not None:
+                p.terminate()
+                p.join()
+
+
+def run(args) -> dict:
+    parts = run_processes(args) if args.processes > 1 else \
+        [asyncio.run(drive_part(args, 0, 1, lambda: say_timing(args)))]
+    records = [r for part in parts for r in part.records]
+    wall = max(part.end for part in parts) - min(part.start for part in parts)
+    cpus = sorted(set().union(*(part.cpus for part in parts))) if parts[0].cpus is not None else None
     config = {k: getattr(args, k) for k in ("target", "concurrency", "requests", "max_chars", "chunk_chars",
-                                              "coalesce", "temperature", "top_k", "warmup")}
-    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None  # where this client ran
-    return {"model": model.id, "backend": model.backend, **config, "client_cpus": cpus, "client_cpu_s": cpu,
-            **summarize(records, wall)}
+                                              "coalesce", "temperature", "top_k", "warmup", "processes")}
+    return {"model": parts[0].model.id, "backend": parts[0].model.backend, **config, "client_cpus": cpus,
+            "client_cpu_s": sum(part.cpu_s for part in parts), **summarize(records, wall)}
 
 
 def report(r: dict) -> str:
@@ -121,7 +223,8 @@ def report(r: dict) -> str:
             f"errors {r['errors'] or 0}\n"
             f"  aggregate {r['chars_per_s']:.0f} chars/s ({r['chars']} chars in {r['wall_s']:.2f} s, "
             f"{r['chars_per_msg'] or 0:.1f} per message; this client used "
-            f"{r['client_cpu_s'] / r['wall_s'] if r['wall_s'] else 0:.2f} CPU cores)\n"
+            f"{r['client_cpu_s'] / r['wall_s'] if r['wall_s'] else 0:.2f} CPU cores in {r['processes']} "
+            f"process{'es' if r['processes'] > 1 else ''})\n"
             f"  time to first char ms: {f(r['ttfc_ms'])}\n"
             f"  inter-char latency ms: {f(r['inter_char_ms'])}")
 
@@ -143,16 +246,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(the characters ready while the last message was being sent go together)")
     ap.add_argument("--warmup", type=int, default=1, help="requests before timing starts")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline per request, seconds")
+    ap.add_argument("--processes", type=int, default=1, help="client processes the streams are spread over")
     ap.add_argument("--out", type=Path, default=Path("loadgen.json"), help="JSON results")
     args = ap.parse_args(argv)
     if args.concurrency < 1 or args.requests < 1:
         ap.error("--concurrency and --requests must be >= 1")
+    if not 1 <= args.processes <= args.concurrency:
+        ap.error("--processes must be from 1 to --concurrency")
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    result = asyncio.run(run(args))
+    result = run(args)
     print(report(result))
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out}")

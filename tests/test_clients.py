@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import json
 import socket
+import time
+from collections import Counter
 
 import pytest
 from conftest import make_checkpoint
 
 from clients import generate as generate_cli
 from clients import loadgen
+from serve import server as server_module
 from serve.config import ServerConfig
 from serve.server import BackgroundServer
 from train.checkpoint import load_checkpoint
@@ -64,10 +67,39 @@ def test_loadgen_reports_and_writes_json(served, tmp_path, capsys):
     assert "aggregate" in printed and "this client used" in printed
 
 
-def test_loadgen_says_when_it_cannot_reach_the_server(tmp_path):
+def test_loadgen_spreads_the_streams_over_processes(served, tmp_path, capsys, monkeypatch):
+    bg, ck = served
+    seeds = []  # of the requests the server gets (it runs in this process; the clients in two others)
+    from_pb = server_module.generate_request_from_pb
+    monkeypatch.setattr(server_module, "generate_request_from_pb", lambda m: seeds.append(m.seed) or from_pb(m))
+    out = tmp_path / "load.json"
+    assert loadgen.main(["--target", bg.target, "--concurrency", "4", "--requests", "8", "--max-chars", "25",
+                         "--seed", "100", "--processes", "2", "--out", str(out)]) == 0
+    assert Counter(seeds) == Counter([100, 100] + list(range(100, 108)))  # a warm-up each, then each request once
+    result = json.loads(out.read_text())
+    assert (result["ok"], result["errors"], result["chars"]) == (8, {}, 200)  # both processes' records, merged
+    assert result["processes"] == 2 and result["model"] == ck.model_id and result["client_cpu_s"] > 0
+    assert result["chars_per_s"] > 0 and result["client_cpus"]
+    printed = capsys.readouterr().out
+    assert printed.startswith("timing 8 requests, 4 at a time\n") and printed.count("timing") == 1
+    assert "aggregate" in printed and "this client used" in printed and "in 2 processes" in printed
+
+
+@pytest.mark.parametrize("processes", ["0", "5"])
+def test_loadgen_processes_must_be_from_one_to_concurrency(processes, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        loadgen.main(["--concurrency", "4", "--processes", processes, "--out", str(tmp_path / "x.json")])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("processes", ["1", "2"])
+def test_loadgen_says_when_it_cannot_reach_the_server(processes, tmp_path):
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    t0 = time.monotonic()
     with pytest.raises(SystemExit, match=f"error: 127.0.0.1:{port}: UNAVAILABLE"):
-        loadgen.main(["--target", f"127.0.0.1:{port}", "--requests", "1", "--out", str(tmp_path / "x.json")])
+        loadgen.main(["--target", f"127.0.0.1:{port}", "--requests", "2", "--processes", processes,
+                      "--out", str(tmp_path / "x.json")])
+    assert time.monotonic() - t0 < 30  # the parent hears from its children, not from a timeout
     assert not (tmp_path / "x.json").exists()

@@ -6,14 +6,19 @@ import copy
 import json
 import os
 
+import grpc
 import numpy as np
 import pytest
 import torch
 from conftest import make_checkpoint
 
-from serve.bench import report
+from clients import api
+from protos.charrnn.v1 import charrnn_pb2 as pb
+from protos.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
+from serve.bench import floor, report
 from serve.bench.backends import BACKENDS, CudaGraphRuntime, unavailable
 from serve.bench.cli import BenchConfig, main, parse_args
+from serve.bench.grpc import FloorProcess, client_processes
 from serve.bench.measure import Subject, summary_us, time_steps
 from serve.bench.models import BenchModel, find_models
 from train.checkpoint import CheckpointError
@@ -237,6 +242,14 @@ def test_grpc_targets_compare_64_streams_with_one_and_one_stream_with_the_in_pro
     assert all("CPU cores busy: server 0.50 (front end) + 0.90 (workers), load generator 0.45, of 4" in t["note"]
                for t in targets)
     assert "in-process 10.0x" in batching["1"]["note"]  # the loop: 64 / 4 us per character against 1 / 40 us
+    # the gRPC floor (no model) at the same chars/msg goes beside each; coalesced points have none
+    floor = [{"concurrency": c, "chunk_chars": 1, "chars_per_s": cps, "mean_us": c / cps * 1e6,
+              "details": {"coalesce": False}} for c, cps in ((1, 8000.0), (64, 14000.0))]
+    with_floor = [t for t in report.evaluate_targets(records, [], floor) if t["target"].startswith("grpc")]
+    notes = {(t["target"], t["note"].split(" ")[0]): t["note"] for t in with_floor}
+    assert "the gRPC floor (no model) 1.8x: 14,000 vs 8,000 chars/s" in notes["grpc_batching_10x", "1"]
+    assert "200 vs 40.0 us per character (the gRPC floor, no model: 125)" in notes["grpc_one_stream_2x", "1"]
+    assert "floor" not in notes["grpc_batching_10x", "16"] + notes["grpc_one_stream_2x", "16"]
     missing = {t["target"]: t for t in report.evaluate_targets([rec("ort-cpu", p50=40.0)], [])}
     assert missing["grpc_batching_10x"]["passed"] is None
     assert "concurrency 1 and 64" in missing["grpc_batching_10x"]["note"]
@@ -249,6 +262,31 @@ def test_cpu_lists_are_parsed_and_checked():
     assert cfg.server_cpus == (usable[0],) and cfg.client_cpus == (usable[-1],)
     with pytest.raises(SystemExit):  # a CPU this process may not use
         parse_args(["--server-cpus", str(max(usable) + 1)])
+
+
+def test_the_load_generator_takes_a_process_per_cpu_of_its_own():
+    assert client_processes((2, 3, 4, 5), (0, 1), 64) == 4
+    assert client_processes((2, 3, 4, 5), (0, 1), 2) == 2  # no process without a stream
+    assert client_processes((1, 2), (0, 1), 64) == 1  # sharing a CPU with the server
+    assert client_processes((2, 3), (), 64) == 1  # the server may run anywhere
+    assert client_processes((), (0, 1), 64) == 1
+
+
+def test_the_grpc_floor_streams_text_in_the_asked_chunks_and_bounds_requests(tmp_path):
+    with FloorProcess(tmp_path) as target, grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GeneratorStub(channel)
+        (model,) = stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+        replies = list(stub.Generate(api.generate_request(model.id, "a", max_chars=25, chunk_chars=4), timeout=10))
+        assert [len(r.text) for r in replies] == [4, 4, 4, 4, 4, 4, 1]
+        assert "".join(r.text for r in replies) == floor.TEXT[:25]
+        assert replies[-1].finish_reason == pb.FINISH_REASON_LENGTH and replies[-1].stats.generated_chars == 25
+        assert not any(r.finish_reason for r in replies[:-1])
+        for request, code in [(api.generate_request("nope"), grpc.StatusCode.NOT_FOUND),
+                              (api.generate_request(model.id, max_chars=floor.MAX_CHARS + 1),
+                               grpc.StatusCode.INVALID_ARGUMENT)]:
+            with pytest.raises(grpc.RpcError) as e:
+                list(stub.Generate(request, timeout=10))
+            assert e.value.code() == code
 
 
 # --- the report: schema and a whole --quick run ---------------------------------------------------
@@ -276,7 +314,8 @@ def test_quick_run_writes_every_file(quick_run):
     for heading in ("## Targets", "## Step: one character", "## Step: batch sweep", "## Carried state",
                     "## gRPC end to end", "## Limit", "## Not measured"):
         assert heading in md
-    assert "| concurrency | chars/msg |" in md
+    assert "| concurrency | chars/msg |" in md and "| of floor |" in md
+    assert md.count("| gRPC floor | no model |") == 4
     assert rep["machine"]["cpu"] and rep["machine"]["versions"]["torch"] == torch.__version__
 
 
@@ -298,6 +337,9 @@ def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run)
     assert rep["settings"]["chunk_chars"] == [1, 4] and rep["settings"]["coalesce"] == [1]
     assert all(r["details"]["errors"] == {} for r in rep["records"] if r["mode"] == "grpc")
     assert all(r["details"]["client_cpu_s"] > 0 for r in grpc)  # what each side of the run kept busy
+    # the gRPC floor at every point but the coalesced ones, once for the run
+    assert sorted((f["concurrency"], f["chunk_chars"]) for f in rep["grpc_floor"]) == [(1, 1), (1, 4), (8, 1), (8, 4)]
+    assert all(f["details"]["errors"] == {} and f["chars_per_s"] > 0 for f in rep["grpc_floor"])
     if os.path.exists("/proc/self/stat"):
         servers = [r["details"]["server_cpu_s"] for r in grpc]
         assert all(s["front"] >= 0 and s["workers"] >= 0 for s in servers)

@@ -86,6 +86,8 @@ def free_port() -> int:
 class ServerProcess:
     """`with ServerProcess(models, backend, ...) as target:` -- a served model at target ('127.0.0.1:PORT')."""
 
+    module = "serve"
+
     def __init__(self, models: Path, backend: str, providers: str = "", threads: int = 1, log_dir: Path = Path("."),
                  max_batch: int = 64, start_timeout_s: float = 120.0, cpus: tuple[int, ...] = ()):
         self.args = ["--models", str(models), "--backend", backend, "--threads", str(threads), "--host", "127.0.0.1",
@@ -98,13 +100,13 @@ class ServerProcess:
     @property
     def command(self) -> str:
         pin = f"taskset -c {','.join(map(str, self.cpus))} " if self.cpus else ""
-        return pin + "python -m serve " + " ".join(self.args + ["--port", "PORT"])
+        return pin + f"python -m {self.module} " + " ".join(self.args + ["--port", "PORT"])
 
     def __enter__(self) -> str:
         for attempt in range(2):  # a free port can be taken between asking and binding: then once more
             port = free_port()
             with open(self.log_path, "wb") as out:
-                self.proc = subprocess.Popen(module_command("serve", [*self.args, "--port", str(port)], self.cpus),
+                self.proc = subprocess.Popen(module_command(self.module, [*self.args, "--port", str(port)], self.cpus),
                                              stdout=out, stderr=subprocess.STDOUT, env=_env(self.threads), cwd=ROOT)
             self.target = target = f"127.0.0.1:{port}"
             try:
@@ -153,17 +155,37 @@ class ServerProcess:
         return " | ".join(text[-lines:]) or "(empty log)"
 
 
+class FloorProcess(ServerProcess):
+    """The gRPC floor (serve.bench.floor: the service with no model behind it) in the server's place."""
+
+    module = "serve.bench.floor"
+
+    def __init__(self, log_dir: Path = Path("."), cpus: tuple[int, ...] = (), start_timeout_s: float = 30.0):
+        self.args = ["--host", "127.0.0.1"]
+        self.threads, self.start_timeout_s, self.cpus = 1, start_timeout_s, cpus
+        self.log_path = Path(log_dir) / f"floor-{os.getpid()}.log"
+        self.proc = None
+
+
+def client_processes(cpus: tuple[int, ...], server_cpus: tuple[int, ...], concurrency: int) -> int:
+    """Load generator processes: one per CPU of its own (at most one per stream); one where it shares the
+    server's CPUs, whose cores a second client process would only take from the server."""
+    return min(len(cpus), concurrency) if cpus and server_cpus and not set(cpus) & set(server_cpus) else 1
+
+
 def drive(server: ServerProcess, concurrency: int, requests: int, max_chars: int, chunk_chars: int = 1,
           coalesce: bool = False, warmup: int = 2, cpus: tuple[int, ...] = (), work_dir: Path = Path(".")) -> dict:
     """`python -m clients.loadgen` (its own process, on `cpus` when given) against the running server:
     `concurrency` streams in flight, `requests` in all, each asking for `max_chars` characters streamed
-    `chunk_chars` per message (or more, coalescing), sampled at loadgen's defaults. Its JSON result, with the
-    settings it ran with and the CPU time the server used while the load generator timed (`server_cpu_s`: from
-    loadgen's line saying it starts timing to its exit; None without /proc)."""
+    `chunk_chars` per message (or more, coalescing), sampled at loadgen's defaults; on CPUs apart from the
+    server's, in one process per CPU (one Python gRPC client tops out at about a core). Its JSON result, with
+    the settings it ran with and the CPU time the server used while the load generator timed (`server_cpu_s`:
+    from loadgen's line saying it starts timing to its exit; None without /proc)."""
     out = Path(work_dir) / f"loadgen-{os.getpid()}.json"
+    processes = client_processes(cpus, server.cpus, concurrency)
     args = ["--target", server.target, "--concurrency", str(concurrency), "--requests", str(requests), "--max-chars",
             str(max_chars), "--chunk-chars", str(chunk_chars), "--warmup", str(warmup), "--timeout", "600",
-            "--out", str(out)] + (["--coalesce"] if coalesce else [])
+            "--processes", str(processes), "--out", str(out)] + (["--coalesce"] if coalesce else [])
     before, lines = None, []
     with subprocess.Popen(module_command("clients.loadgen", args, cpus), env=_env(1), cwd=ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
@@ -176,6 +198,6 @@ def drive(server: ServerProcess, concurrency: int, requests: int, max_chars: int
         raise RuntimeError(f"clients.loadgen exited with code {proc.returncode}: {''.join(lines).strip()[-500:]}")
     result = json.loads(out.read_text())
     out.unlink()
-    result["loadgen_args"] = {k: result[k] for k in ("temperature", "top_k", "chunk_chars", "warmup")}
+    result["loadgen_args"] = {k: result[k] for k in ("temperature", "top_k", "chunk_chars", "warmup", "processes")}
     result["server_cpu_s"] = {k: after[k] - before[k] for k in after} if before and after else None
     return result

@@ -15,7 +15,7 @@ from serve.bench.models import BenchModel
 
 log = logging.getLogger(__name__)
 
-FORMAT = "charrnn-latency/4"
+FORMAT = "charrnn-latency/5"
 MIN_GRPC_REQUESTS = 24  # a gRPC point's requests in all: one stream's run outlasts a hiccup of the machine
 MODES = ("step", "refeed", "grpc", "limit")  # what --modes selects; refeed also measures "carried"
 
@@ -168,8 +168,9 @@ def _target(key: str, r: dict | None, measured: float | None, model: str = "", b
             "better": better, "passed": passed, "note": note}
 
 
-def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
-    """The issue's targets, each judged on this run's records (passed None: not measured here, and why)."""
+def evaluate_targets(records: list[dict], skipped: list[dict], floor: list[dict] = ()) -> list[dict]:
+    """The issue's targets, each judged on this run's records (passed None: not measured here, and why).
+    floor: the gRPC floor's points (serve.bench.floor), quoted beside the gRPC targets at the same chars/msg."""
     out = []
     step1 = [r for r in records if r["mode"] == "step" and r["batch"] == 1]
     ort = [r for r in step1 if r["backend"] == "ort-cpu" and r["cell"] in ("lstm", "gru")
@@ -203,22 +204,29 @@ def evaluate_targets(records: list[dict], skipped: list[dict]) -> list[dict]:
     one = {(r["model"], r["precision"], msg_label(r)): r for r in grpc if r["concurrency"] == 1}
     loops = {(r["model"], r["backend"], r["precision"], r["threads"], r["batch"]): r
              for r in records if r["mode"] == "loop"}
+    floors = {(f["concurrency"], msg_label(f)): f for f in floor}
     for r in grpc:
         base = one.get((r["model"], r["precision"], msg_label(r)))
         if r["concurrency"] == 64 and base:
             lo1, lo64 = (loops.get((r["model"], r["backend"], r["precision"], r["threads"], b)) for b in (1, 64))
             ceiling = f"; in-process {speedup(lo1, lo64, 'chars_per_s'):.1f}x" if lo1 and lo64 else ""
+            f1, f64 = (floors.get((c, msg_label(r))) for c in (1, 64))
+            if f1 and f64 and f1["chars_per_s"]:
+                ceiling += (f"; the gRPC floor (no model) {f64['chars_per_s'] / f1['chars_per_s']:.1f}x: "
+                            f"{f64['chars_per_s']:,.0f} vs {f1['chars_per_s']:,.0f} chars/s")
             out.append(_target("grpc_batching_10x", r, speedup(base, r, "chars_per_s"),
                                note=f"{msg_label(r)} chars/msg, {r['details']['max_chars']} per request: "
                                     f"{r['chars_per_s']:,.0f} vs {base['chars_per_s']:,.0f} chars/s{ceiling}; "
                                     f"{where(r)}{cpu_use(r)}"))
     for r in one.values():
         loop = loops.get((r["model"], r["backend"], r["precision"], r["threads"], 1))
+        f1 = floors.get((1, msg_label(r)))
+        bare = f" (the gRPC floor, no model: {f1['mean_us']:.0f})" if f1 and f1["mean_us"] else ""
         if loop and r["mean_us"]:
             out.append(_target("grpc_one_stream_2x", r, r["mean_us"] / loop["mean_us"],
                                note=f"{msg_label(r)} chars/msg, {r['details']['max_chars']} per request: "
-                                    f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character; {where(r)}"
-                                    f"{cpu_use(r)}"))
+                                    f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character{bare}; "
+                                    f"{where(r)}{cpu_use(r)}"))
     for key in THRESHOLDS:
         if not any(t["target"] == key for t in out):
             why = "; ".join(sorted({s["reason"].rstrip(".") for s in skipped if key == "gpu_3x" and s.get("backend") in
@@ -232,8 +240,10 @@ def where(r: dict) -> str:
     """Where a grpc record's server and load generator ran."""
     d = r["details"]
     server, client = d.get("server_cpus"), d.get("client_cpus")
+    processes = (d.get("loadgen") or {}).get("processes", 1)
     if server and client and not set(server) & set(client):
-        return f"server on CPUs {_cpu_list(server)}, load generator on CPUs {_cpu_list(client)}"
+        return (f"server on CPUs {_cpu_list(server)}, load generator on CPUs {_cpu_list(client)}"
+                + (f" in {processes} processes" if processes > 1 else ""))
     return f"server and load generator sharing CPUs {_cpu_list(server)}" if server and server == client else \
         "server and load generator sharing the machine's CPUs"
 
@@ -310,6 +320,11 @@ def _x(x: float | None) -> str:
 
 def _n(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f}"
+
+
+def _pct(chars_per_s: float | None, floor: dict | None) -> str:
+    """chars/s as a share of the gRPC floor's at the same point."""
+    return "-" if not (chars_per_s and floor and floor["chars_per_s"]) else f"{chars_per_s / floor['chars_per_s']:.0%}"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -427,19 +442,29 @@ def markdown(rep: dict) -> str:
                    "mean = concurrency / aggregate chars/s (a stream's wall time per character). vs eager: aggregate "
                    "chars/s over the torch-backed server's at the same concurrency and chars/msg. CPU cores: CPU time "
                    "/ wall time while timed, of the server's front end + its worker processes / of the load "
-                   "generator.\n")
+                   "generator. Rows marked gRPC floor: the same requests to the service with no model behind it "
+                   "(`python -m serve.bench.floor`, canned text), where the server ran: what Python gRPC and this "
+                   "load generator allow on this machine; of floor: a server row's chars/s over the floor's at the "
+                   "same concurrency and chars/msg.\n")
+        floor = {(f["concurrency"], msg_label(f)): f for f in rep["grpc_floor"]}
+        of_floor = lambda r: _pct(r["chars_per_s"], floor.get((r["concurrency"], msg_label(r))))  # noqa: E731
         out.append(_table(["model", "backend", "concurrency", "chars/msg", "TTFC p50 ms", "TTFC p99 ms",
                            "inter-char p50 ms", "inter-char p99 ms", "mean ms/char", "chars/s", "vs eager",
-                           "CPU cores", "errors"],
+                           "of floor", "CPU cores", "errors"],
                           [[r["model"], _label(r), r["concurrency"], _msg_label_measured(r),
                             _us(r["details"]["ttfc_ms"]["p50"]),
                             _us(r["details"]["ttfc_ms"]["p99"]), _ms(r["p50_us"]), _ms(r["p99_us"]), _ms(r["mean_us"]),
-                            _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]), cpu_use(r, short=True),
+                            _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]), of_floor(r), cpu_use(r, short=True),
                             sum(r["details"]["errors"].values())]
                            for r in grpc]
                           + [[r["model"], _label(r), r["batch"], "in-process", "-", "-", "-", "-",
-                              _ms(r["batch"] / r["chars_per_s"] * 1e6), _n(r["chars_per_s"]), "-", "-", "-"]
-                             for r in by("loop")]))
+                              _ms(r["batch"] / r["chars_per_s"] * 1e6), _n(r["chars_per_s"]), "-", "-", "-", "-"]
+                             for r in by("loop")]
+                          + [["gRPC floor", "no model", f["concurrency"], msg_label(f),
+                              _us(f["details"]["ttfc_ms"]["p50"]), _us(f["details"]["ttfc_ms"]["p99"]),
+                              _ms(f["p50_us"]), _ms(f["p99_us"]), _ms(f["mean_us"]), _n(f["chars_per_s"]), "-", "-",
+                              cpu_use(f, short=True), sum(f["details"]["errors"].values())]
+                             for f in rep["grpc_floor"]]))
     lim = by("limit")
     if lim:
         out.append("\n## Limit: what the machine allows\n")

@@ -15,7 +15,7 @@ import torch
 
 from serve.bench import report
 from serve.bench.backends import BACKENDS, BackendUnavailable, Exports, open_runtime, unavailable
-from serve.bench.grpc import ServerFailed, ServerProcess, cpus_of, drive
+from serve.bench.grpc import FloorProcess, ServerFailed, ServerProcess, cpus_of, drive
 from serve.bench.measure import (Subject, bandwidth, describe_machine, load_average, matmul_rate, summary_us,
                                   time_decoding, time_loop, time_steps)
 from serve.bench.models import BenchModel, find_models, random_models
@@ -105,19 +105,45 @@ def _decoding_records(m: BenchModel, carried: np.ndarray, refeed: dict, chars: i
     return out
 
 
+def _grpc_us(result: dict) -> dict:
+    """A load generator's result as microseconds per character: inter-character p50 and p99, and the mean."""
+    gap = result["inter_char_ms"]
+    return {"p50": gap["p50"] and gap["p50"] * 1e3, "p99": gap["p99"] and gap["p99"] * 1e3,
+            "mean": result["concurrency"] / result["chars_per_s"] * 1e6 if result["chars_per_s"] else None}
+
+
+def _grpc_details(result: dict, server: ServerProcess) -> dict:
+    return {k: result[k] for k in ("ttfc_ms", "requests", "ok", "errors", "chars", "wall_s", "max_chars", "coalesce",
+                                   "chars_per_msg", "client_cpus", "server_cpu_s", "client_cpu_s")} | {
+        "loadgen": result["loadgen_args"], "server": server.command, "server_cpus": cpus_of(server.proc.pid)}
+
+
 def _grpc_record(m: BenchModel, backend: str, precision: str, result: dict, threads: int,
                  server: ServerProcess) -> dict:
-    gap = result["inter_char_ms"]
-    us = {"p50": gap["p50"] and gap["p50"] * 1e3, "p99": gap["p99"] and gap["p99"] * 1e3,
-          "mean": result["concurrency"] / result["chars_per_s"] * 1e6 if result["chars_per_s"] else None}
     return report.record(m, backend, "grpc", precision=precision, concurrency=result["concurrency"],
-                         chunk_chars=result["chunk_chars"], threads=threads, samples=result["chars"], us=us,
-                         chars_per_s=result["chars_per_s"], ttfc_ms=result["ttfc_ms"], requests=result["requests"],
-                         ok=result["ok"], errors=result["errors"], chars=result["chars"], wall_s=result["wall_s"],
-                         max_chars=result["max_chars"], loadgen=result["loadgen_args"], server=server.command,
-                         coalesce=result["coalesce"], chars_per_msg=result["chars_per_msg"],
-                         server_cpus=cpus_of(server.proc.pid), client_cpus=result["client_cpus"],
-                         server_cpu_s=result["server_cpu_s"], client_cpu_s=result["client_cpu_s"])
+                         chunk_chars=result["chunk_chars"], threads=threads, samples=result["chars"],
+                         us=_grpc_us(result), chars_per_s=result["chars_per_s"], **_grpc_details(result, server))
+
+
+def _measure_floor(cfg: BenchConfig, tmp: Path, skipped: list, progress: Progress) -> list[dict]:
+    """grpc mode's points (coalescing aside: nothing waits to be merged) against the gRPC floor, the service with
+    no model behind it (serve.bench.floor), with the same load generator on the same CPUs."""
+    out, points = [], [(c, k) for c in cfg.concurrency for k in cfg.chunk_chars]
+    try:
+        floor = FloorProcess(tmp, cfg.server_cpus)
+        with floor:
+            for c, k in points:
+                progress.note(f"gRPC floor: concurrency {c}, {k} chars/msg")
+                result = drive(floor, c, max(report.MIN_GRPC_REQUESTS, c * cfg.grpc_requests), cfg.grpc_chars, k,
+                               cpus=cfg.client_cpus, work_dir=tmp)
+                out.append({"concurrency": c, "chunk_chars": k, "chars_per_s": result["chars_per_s"],
+                            **{f"{q}_us": v for q, v in _grpc_us(result).items()},
+                            "details": _grpc_details(result, floor)})
+                progress.advance(f"gRPC floor: concurrency {c}, {k} chars/msg")
+    except ServerFailed as e:
+        _skip(skipped, "the gRPC floor", str(e), mode="grpc")
+    progress.advance("gRPC floor", len(points) - len(out))
+    return out
 
 
 def _server_models(backend: str, m: BenchModel, precision: str, exports: Exports) -> Path:
@@ -173,8 +199,12 @@ def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
             torch.set_num_threads(primary)
         per_model = (len(cfg.batches) if "step" in cfg.modes else 0) + ("refeed" in cfg.modes) \
             + len(serving) * len(cfg.concurrency) * (len(cfg.chunk_chars) + len(cfg.coalesce))
-        progress = Progress(len(models) * per_model)
+        floor_points = len(cfg.concurrency) * len(cfg.chunk_chars) if serving else 0
+        progress = Progress(len(models) * per_model + floor_points)
+        floor = []
         try:
+            if serving:
+                floor = _measure_floor(cfg, tmp, skipped, progress)
             for m in models:
                 _measure_model(cfg, m, pairs, serving, exports, tmp, records, skipped, progress)
         finally:
@@ -190,7 +220,8 @@ def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
             "settings": cfg.settings(), "machine": machine,
             "models": [{**m.describe(), "weights": m.weights, "path": str(m.path) if m.weights != "random" else None}
                        for m in models],
-            "records": records, "targets": report.evaluate_targets(records, skipped), "skipped": skipped,
+            "records": records, "grpc_floor": floor, "targets": report.evaluate_targets(records, skipped, floor),
+            "skipped": skipped,
         }
         return report.write(rep, cfg.out)
 

@@ -79,7 +79,8 @@ class BenchConfig:
     server_cpus: tuple[int, ...] = _opt((), "grpc mode: the CPUs the server and its worker processes may run on "
                                             "(as taskset takes them: 0,1 or 0-1); default: all", _cpus)
     client_cpus: tuple[int, ...] = _opt((), "grpc mode: the CPUs of the load generator (e.g. 2-5, apart from "
-                                            "--server-cpus, so that the two do not share cores); default: all", _cpus)
+                                            "--server-cpus, so that the two do not share cores; then it runs one "
+                                            "process per CPU); default: all", _cpus)
     threads: tuple[int, ...] = _opt((1,), "intra-op threads of torch and onnxruntime, comma separated: step mode "
                                           "measures the CPU backends at each (taking turns, like backends); the other "
                                           "modes, and the server they start, use the first", _ints)

@@ -20,7 +20,7 @@ import torch
 from export.runtime import Runtime
 from serve.bench.backends import synchronize
 from train.checkpoint import load_checkpoint
-from train.sampling import Uniforms, generate, generate_refeed, sample_many
+from train.sampling import BatchSampler, Uniforms, generate, generate_refeed
 
 QUANTILES = (50, 90, 99)
 
@@ -90,16 +90,17 @@ def time_steps(subjects: list[Subject], batch: int, seconds: float, max_calls: i
 
 def time_loop(rt: Runtime, chars: int, batch: int = 1, temperature: float = 1.0, warmup: int = 10) -> np.ndarray:
     """Seconds per call of the in-process generation loop a user would write around a runtime: `batch` streams,
-    each character sampled from the last logits as the server samples (train.sampling.sample_many, a generator
-    per stream) and fed to the next `step`, the state carried; `chars` calls. What the server's streams are
-    compared with: one stream's time per character, and what batching gives without gRPC."""
-    rngs, tokens = [Uniforms(i) for i in range(batch)], np.zeros((batch, 1), np.int64)
+    each character sampled from the last logits as the server samples (train.sampling.BatchSampler, prepared
+    once, a generator per stream) and fed to the next `step`, the state carried; `chars` calls. What the
+    server's streams are compared with: one stream's time per character, and what batching gives without gRPC."""
+    tokens = np.zeros((batch, 1), np.int64)
     logits, state = rt.step(tokens, rt.new_state(batch))
-    settings = [temperature] * batch, [0] * batch, [1.0] * batch
+    sample = BatchSampler([temperature] * batch, [0] * batch, [1.0] * batch, [Uniforms(i) for i in range(batch)],
+                          logits.shape[1])
     times = []
     for _ in range(warmup + chars):
         t0 = time.perf_counter()
-        tokens[:, 0] = sample_many(logits, *settings, rngs)
+        tokens[:, 0] = sample(logits)
         logits, state = rt.step(tokens, state)  # logits come back to the host: the call is complete
         times.append(time.perf_counter() - t0)
     return np.asarray(times[warmup:])

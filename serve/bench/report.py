@@ -436,7 +436,7 @@ def markdown(rep: dict) -> str:
                    f"{s['grpc_requests']} request(s) per stream (at least {MIN_GRPC_REQUESTS} in all); "
                    f"{where(grpc[0])}. "
                    "Rows marked in-process: the same number of streams without gRPC, `Runtime.step` and the server's "
-                   "sampler (train.sampling.sample_many) in one loop. "
+                   "sampler (train.sampling.BatchSampler, prepared once) in one loop. "
                    "Inter-character gaps are taken at the client, a message's gap shared equally by its characters; "
                    "messages arrive in bursts: p50 is the gap inside a burst, p99 the wait between bursts, and "
                    "mean = concurrency / aggregate chars/s (a stream's wall time per character). vs eager: aggregate "

@@ -142,7 +142,8 @@ def _measure_floor(cfg: BenchConfig, tmp: Path, skipped: list, progress: Progres
                 progress.advance(f"gRPC floor: concurrency {c}, {k} chars/msg")
     except ServerFailed as e:
         _skip(skipped, "the gRPC floor", str(e), mode="grpc")
-    progress.advance("gRPC floor", len(points) - len(out))
+    if len(out) < len(points):
+        progress.advance("gRPC floor", len(points) - len(out))
     return out
 
 
@@ -264,7 +265,7 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
                 records.append(report.record(m, sub.name, "loop", precision=sub.precision, batch=c, threads=primary,
                                              samples=len(secs), us=summary_us(secs, c),
                                              chars_per_s=c / float(secs.mean()), temperature=1.0,
-                                             loop="Runtime.step + train.sampling.sample_many"))
+                                             loop="Runtime.step + train.sampling.BatchSampler"))
     del subjects
     gc.collect()
     if "refeed" in cfg.modes:

@@ -1,7 +1,8 @@
-"""The gRPC floor: the charrnn.v1.Generator service with no model behind it. Generate writes canned text,
-chunk_chars per message, as fast as grpc.aio takes it; nothing else runs.
+"""The gRPC floor: the charrnn.v1.Generator service with no model behind it.
 
     python -m serve.bench.floor [--host 127.0.0.1] [--port 0]
+
+Generate writes canned text, chunk_chars per message, as fast as grpc.aio takes it; nothing else runs.
 
 serve.bench drives it with the same load generator as the real server, on the same CPUs: its figures are
 what Python gRPC itself allows on this machine. At one character per message a message costs more than a
@@ -75,7 +76,7 @@ async def serve(host: str, port: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m serve.bench.floor", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind; loopback unless asked otherwise")
     ap.add_argument("--port", type=int, default=0, help="0 picks a free one (logged)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -89,6 +89,8 @@ async def find_model(stub, args) -> pb.ModelInfo:
         raise SystemExit(f"error: {args.target}: {e.code().name}: {e.details()}") from None
     if not models:
         raise SystemExit("the server has no models")
+    if not args.model and len(models) > 1:
+        raise SystemExit(f"the server has {len(models)} models ({', '.join(models)}): pass --model")
     model = models.get(args.model or next(iter(models)))
     if model is None:
         raise SystemExit(f"unknown model {args.model!r}; the server has {', '.join(models)}")
@@ -236,7 +238,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--concurrency", type=int, default=8, help="streams in flight at once")
     ap.add_argument("--requests", type=int, default=64, help="requests in all")
     ap.add_argument("--max-chars", type=int, default=200)
-    ap.add_argument("--model", default="", help="default: the server's first model")
+    ap.add_argument("--model", default="", help="model id; may be left out when the server has one model")
     ap.add_argument("--prompt", default="", help="default: a few short prompts in the model's vocabulary")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=0)
@@ -247,7 +249,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="requests before timing starts")
     ap.add_argument("--timeout", type=float, default=120.0, help="deadline per request, seconds")
     ap.add_argument("--processes", type=int, default=1, help="client processes the streams are spread over")
-    ap.add_argument("--out", type=Path, default=Path("loadgen.json"), help="JSON results")
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON to this file")
     args = ap.parse_args(argv)
     if args.concurrency < 1 or args.requests < 1:
         ap.error("--concurrency and --requests must be >= 1")
@@ -260,8 +262,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     result = run(args)
     print(report(result))
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
     return 1 if result["errors"] else 0
 
 

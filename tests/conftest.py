@@ -1,25 +1,22 @@
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from train import corpus
 from train.checkpoint import write_checkpoint
 from train.model import CharRNN, ModelConfig, model_id
 from train.vocab import Vocab
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("CHARRNN_DATA_DIR", ROOT.parent / "shared" / "data"))
-os.environ.setdefault("CHARRNN_DATA_DIR", str(DATA_DIR))
 
 SMALL_TEXT = "the quick brown fox jumps over the lazy dog.\nTHE END!\n"
 
 
 @pytest.fixture(scope="session")
-def data_dir() -> Path:
-    if not (DATA_DIR / "tinyshakespeare.txt").is_file():
-        pytest.skip(f"corpus not found in {DATA_DIR} (set CHARRNN_DATA_DIR)")
-    return DATA_DIR
+def shakespeare() -> str:
+    """Tiny Shakespeare as the tools find it by default ($CHARRNN_DATA_DIR, else the package's own copy)."""
+    return corpus.load_text(corpus.resolve("tinyshakespeare"))
 
 
 def make_checkpoint(root: Path, cell: str = "lstm", hidden: int = 32, fc: int = 2, seq_len: int = 16,

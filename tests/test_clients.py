@@ -103,3 +103,29 @@ def test_loadgen_says_when_it_cannot_reach_the_server(processes, tmp_path):
                       "--out", str(tmp_path / "x.json")])
     assert time.monotonic() - t0 < 30  # the parent hears from its children, not from a timeout
     assert not (tmp_path / "x.json").exists()
+
+
+def test_generate_help_shows_defaults_and_greedy_stats_print_no_seed(served, capsys):
+    with pytest.raises(SystemExit) as e:
+        generate_cli.main(["--help"])
+    assert e.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 127.0.0.1:50051)" in help_text and "(default: 0, greedy)" in help_text
+    bg, ck = served
+    assert generate_cli.main(["--target", bg.target, "--model", ck.model_id, "--prompt", "the ", "--max-chars", "5",
+                              "--stats"]) == 0
+    err = capsys.readouterr().err
+    assert "finish: length; 5 chars" in err and "seed" not in err  # a greedy request draws nothing
+
+
+def test_loadgen_writes_json_only_when_asked_and_names_the_model_among_several(tmp_path, capsys, monkeypatch):
+    make_checkpoint(tmp_path / "models", cell="gru", hidden=8)
+    make_checkpoint(tmp_path / "models", cell="rnn", hidden=8)
+    monkeypatch.chdir(tmp_path)
+    with BackgroundServer(ServerConfig(models=tmp_path / "models", port=0)) as bg:
+        with pytest.raises(SystemExit, match="the server has 2 models .*: pass --model"):
+            loadgen.main(["--target", bg.target, "--requests", "2", "--max-chars", "5"])
+        assert loadgen.main(["--target", bg.target, "--requests", "2", "--concurrency", "2", "--max-chars", "5",
+                             "--model", "rnn-h8-fc2-s16"]) == 0
+    assert "rnn-h8-fc2-s16" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # nothing written into the working directory

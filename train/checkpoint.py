@@ -22,6 +22,8 @@ from train.vocab import Vocab
 
 FORMAT = "charrnn-checkpoint/1"
 CONFIG, WEIGHTS = "config.json", "model.safetensors"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: the process's umask, as open() would apply it
 
 
 class CheckpointError(Exception):
@@ -38,6 +40,7 @@ def atomic_write(path: Path, data: bytes | str) -> None:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp's file is private (0600); a written artifact is not
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -41,7 +41,7 @@ PRESETS = {
                      train=dict(epochs=20, patience=3, evals_per_epoch=2)),
     "quick": dict(rows=[dict(corpus="tinyshakespeare", cell=c, seq_len=50, hidden_size=64, fc_layers=1) for c in CELLS]
                   + [dict(corpus="tinyshakespeare", cell="lstm", seq_len=50, hidden_size=128, fc_layers=2)],
-                  train=dict(epochs=10, max_minutes=0.4, evals_per_epoch=2)),  # the README demo: ~2 CPU minutes
+                  train=dict(epochs=2, evals_per_epoch=2)),  # the README demo: bounded by work, ~2 minutes on 2 quiet cores
 }
 PRESETS["seed"] = dict(rows=PRESETS["seed-p1"]["rows"] + PRESETS["seed-p23"]["rows"],
                        train=PRESETS["seed-p23"]["train"], per_corpus={"prediction": PRESETS["seed-p1"]["train"]})
@@ -94,6 +94,25 @@ def result_row(config: dict) -> dict:
     }
 
 
+def finished(ckpt: Path) -> bool:
+    try:
+        return bool(read_config(ckpt).get("done"))
+    except CheckpointError:
+        return False
+
+
+STOPPED = {"epochs": "all epochs run", "steps": "step budget spent", "time": "--max-minutes reached",
+           "patience": "early-stopped (no better held-out loss)"}
+
+
+def summary(config: dict) -> str:
+    """The one line a finished model prints: how far it got, how fast, why it stopped, how good it is."""
+    m = config["metrics"]
+    return (f"{config['model_id']}: {m['epochs']:.2f} epochs ({m['steps']} steps) at {m['chars_per_s']:,.0f} chars/s, "
+            f"{STOPPED.get(m['stopped'], m['stopped'])}; held-out loss {m['val_loss']:.3f} nats/char "
+            f"({m['val_bpc']:.2f} bits), accuracy {m['val_acc']:.3f}, test loss {m['test_loss']:.3f}")
+
+
 def write_results(out: Path, rows: list[dict]) -> int:
     """Rebuild results.csv (atomically) from every finished model of the preset, in grid order."""
     found = []
@@ -112,13 +131,8 @@ def write_results(out: Path, rows: list[dict]) -> int:
     return len(found)
 
 
-def dry_run(rows: list[dict], data: Path | None) -> None:
-    vocab = {}
-    for name in {r["corpus"] for r in rows}:
-        try:
-            vocab[name] = len(set(corpus.load_text(corpus.resolve(name, data, allow_download=False))))
-        except corpus.CorpusError:
-            vocab[name] = corpus.CORPORA[name].vocab_size  # the reference file's, without downloading it
+def dry_run(rows: list[dict], paths: dict[str, str]) -> None:
+    vocab = {name: len(set(corpus.load_text(path))) for name, path in paths.items()}
     w = csv.writer(sys.stdout)
     w.writerow(["model_id", "corpus", "rnn_type", "seq_len", "hidden_size", "fc_layers", "vocab_size",
                 "parameters", "size_mb"])
@@ -190,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed-p1: 9 models on prediction.txt; seed-p23: 54 on tiny Shakespeare; seed: both; "
                         "quick: 4 small models, about two CPU minutes (default: quick)")
     p.add_argument("--out", type=Path, help="run directory (default runs/PRESET)")
-    p.add_argument("--data", type=Path, help="corpus file, or a folder holding tinyshakespeare.txt / prediction.txt "
-                                             "(else $CHARRNN_DATA_DIR, the user cache, or a download)")
+    p.add_argument("--data", type=Path, help="any UTF-8 text file to train on (its vocabulary is its own characters), "
+                                             "or a folder holding tinyshakespeare.txt / prediction.txt "
+                                             "(default: $CHARRNN_DATA_DIR, else the copies shipped in the package)")
     p.add_argument("--dry-run", action="store_true", help="train nothing; print the grid as CSV")
     sel = p.add_argument_group("selecting rows")
     sel.add_argument("--only", action="append", metavar="GLOB", help="model ids to train (glob, repeatable)")
@@ -220,8 +235,13 @@ def main(argv=None) -> int:
     if not rows:
         log.error("no model of preset %s matches the filters", args.preset)
         return 2
+    try:
+        paths = {name: str(corpus.resolve(name, args.data)) for name in {r["corpus"] for r in rows}}
+    except corpus.CorpusError as e:
+        log.error("%s", e)
+        return 2
     if args.dry_run:
-        dry_run(rows, args.data)
+        dry_run(rows, paths)
         return 0
     if args.workers < 1:
         log.error("--workers must be >= 1")
@@ -232,26 +252,31 @@ def main(argv=None) -> int:
     if "threads" not in overrides and (args.workers > 1 or args.backend == "ray"):
         # split the cores between concurrent models; a Ray task asks for (and gets) one CPU per thread
         overrides["threads"] = 1 if args.backend == "ray" else max(1, (os.cpu_count() or 1) // args.workers)
-    try:
-        paths = {name: str(corpus.resolve(name, args.data)) for name in {r["corpus"] for r in rows}}
-    except corpus.CorpusError as e:
-        log.error("%s", e)
-        return 2
     jobs = [Job(grid_id(r), r["corpus"], paths[r["corpus"]], r["cell"], r["seq_len"], r["hidden_size"],
                 r["fc_layers"], train_config(preset, r["corpus"], overrides), str(out)) for r in rows]
+    todo = [j for j in jobs if not finished(out / j.model_id)]
+    if len(todo) < len(jobs):
+        log.info("%d of %d models already done in %s, skipped (another --out trains them afresh)",
+                 len(jobs) - len(todo), len(jobs), out)
     out.mkdir(parents=True, exist_ok=True)
-    log.info("%d models -> %s", len(jobs), out)
     failed, t0 = [], time.perf_counter()
-    runner = (run_ray(jobs, args.ray_address, args.gpus_per_model) if args.backend == "ray"
-              else run_local(jobs, args.workers))
-    with logging_redirect_tqdm(), tqdm(total=len(jobs), desc="grid", unit="model", position=0) as bar:
-        for job, result in runner:
-            if isinstance(result, Exception):
-                failed.append(job.model_id)
-            bar.update()
-            write_results(out, preset["rows"])
-    n = write_results(out, preset["rows"])
-    log.info("%d models finished in %.0f s; results in %s", n, time.perf_counter() - t0, out / "results.csv")
+    if todo:
+        log.info("training %d models -> %s", len(todo), out)
+        runner = (run_ray(todo, args.ray_address, args.gpus_per_model) if args.backend == "ray"
+                  else run_local(todo, args.workers))
+        with logging_redirect_tqdm(), tqdm(total=len(todo), desc="grid", unit="model", position=0) as bar:
+            for job, result in runner:
+                if isinstance(result, Exception):
+                    failed.append(job.model_id)
+                else:
+                    log.info("%s", summary(result))
+                bar.update()
+                write_results(out, preset["rows"])
+    write_results(out, preset["rows"])
+    if todo:
+        log.info("%d trained in %.0f s%s", len(todo) - len(failed), time.perf_counter() - t0,
+                 f", {len(failed)} failed" if failed else "")
+    log.info("results in %s", out / "results.csv")
     if failed:
         log.error("failed: %s", ", ".join(failed))
         return 1

@@ -37,7 +37,7 @@ from train.vocab import Vocab
 log = logging.getLogger(__name__)
 STATE_FILE, METRICS_FILE, SAMPLE_FILE = "train_state.pt", "metrics.jsonl", "sample.txt"
 # settings a resumed run may change (they bound or place the run; they don't change what it computes)
-NOT_IDENTITY = ("epochs", "max_minutes", "patience", "checkpoint_every", "device", "threads")
+NOT_IDENTITY = ("epochs", "max_steps", "max_minutes", "patience", "checkpoint_every", "device", "threads")
 GEN_CHARS = 1000  # characters generated for samples and the inference timings, as the seed did
 
 
@@ -56,7 +56,8 @@ class TrainConfig:
     dropout: float = opt(0.0, "dropout on the recurrent output (adds no parameters)")
     schedule: str = opt("none", "learning-rate schedule", choices=("none", "cosine", "plateau"))
     epochs: int = opt(20, "maximum passes over the training text")
-    max_minutes: float = opt(0.0, "stop training a model after this many minutes; 0 = no limit")
+    max_steps: int = opt(0, "stop after this many optimisation steps: a budget of work, the same model on any machine; 0 = no limit")
+    max_minutes: float = opt(0.0, "stop training a model after this many minutes of wall time (machine-dependent); 0 = no limit")
     patience: int = opt(3, "early stopping: evaluations without a better validation loss; 0 = off")
     evals_per_epoch: int = opt(1, "held-out evaluations per epoch (more for big corpora, small budgets)")
     checkpoint_every: int = opt(1, "write a resumable checkpoint every N evaluations")
@@ -195,6 +196,7 @@ class Trainer:
         self.train_loss = math.nan
         self.carry = None  # the carried training state between windows (objective "all")
         self._t_start = time.perf_counter()
+        self.bar = None  # the model's progress bar: steps, then what evaluation and finish() are doing
 
     def _scheduler(self):
         if self.cfg.schedule == "cosine":
@@ -328,11 +330,20 @@ class Trainer:
     def _out_of_time(self) -> bool:
         return bool(self.cfg.max_minutes) and self._wall() >= self.cfg.max_minutes * 60
 
+    def _out_of_steps(self) -> bool:
+        return bool(self.cfg.max_steps) and self.step >= self.cfg.max_steps
+
+    def _status(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=True)
+
     def fit(self) -> None:
         cfg, per_epoch = self.cfg, self.steps_per_epoch()
         eval_at = {round(per_epoch * (k + 1) / cfg.evals_per_epoch) for k in range(cfg.evals_per_epoch)}
-        bar = tqdm(total=cfg.epochs * per_epoch, initial=self.step, desc=self.job.model_id, unit="step",
-                   position=self.position, leave=self.position == 0, disable=self.quiet, dynamic_ncols=True)
+        total = min(cfg.epochs * per_epoch, cfg.max_steps or math.inf)
+        self.bar = bar = tqdm(total=total, initial=self.step, desc=self.job.model_id, unit="step",
+                              position=self.position, leave=self.position == 0, disable=self.quiet,
+                              dynamic_ncols=True)
         self.model.train()
         self._t_start = time.perf_counter()
         while self.epoch < cfg.epochs and not self._stopped():
@@ -359,19 +370,27 @@ class Trainer:
                 bar.update()
                 bar.set_postfix(epoch=self.epoch + 1, loss=f"{loss_sum / n_loss:.3f}",
                                 chars_s=f"{self.chars_seen / max(self.train_seconds, 1e-9):,.0f}", refresh=False)
-                if i in eval_at or self._out_of_time():
+                if i in eval_at or self._out_of_time() or self._out_of_steps():
                     self.train_loss = loss_sum / n_loss
+                    self._status("evaluating on held-out text")
                     self._after_eval(self.evaluate())
                     loss_sum, n_loss = 0.0, 0
                     if self._stopped():
                         break
             else:
                 self.epoch, self.carry = self.epoch + 1, None
-        bar.close()
+        bar.total = bar.n  # stopped early (patience, time): the bar ends full, the summary says why
 
     def _stopped(self) -> bool:
         cfg = self.cfg
-        return self._out_of_time() or bool(cfg.patience and self.bad_evals >= cfg.patience)
+        return self._out_of_time() or self._out_of_steps() or bool(cfg.patience and self.bad_evals >= cfg.patience)
+
+    def _stop_reason(self) -> str:
+        if self._out_of_time():
+            return "time"
+        if self._out_of_steps():
+            return "steps"
+        return "patience" if self._stopped() else "epochs"
 
     def _after_eval(self, m: dict) -> None:
         self.evals += 1
@@ -398,6 +417,7 @@ class Trainer:
         if self.best_weights:
             self.model.load_state_dict(self.best_weights)
         T, cfg = self.job.seq_len, self.cfg
+        self._status("final evaluation: validation, test and training-set figures")
         vl, va = eval_stream(self.model, self.val_ids)
         wl, wa = eval_windows(self.model, self.val_ids, T, cfg.eval_windows)
         tl, ta = eval_stream(self.model, self.test_ids)
@@ -408,7 +428,8 @@ class Trainer:
              "train_set_loss": trl, "train_set_acc": tra, "epochs": self.step / max(self.steps_per_epoch(), 1),
              "steps": self.step, "train_seconds": self.train_seconds,
              "chars_per_s": self.chars_seen / max(self.train_seconds, 1e-9),
-             "stopped": "time" if self._out_of_time() else "patience" if self._stopped() else "epochs"}
+             "stopped": self._stop_reason()}
+        self._status(f"timing generation of {GEN_CHARS} characters, carried state and the seed's re-feeding")
         t0 = time.perf_counter()
         greedy = generate(self.model, self.vocab, text_prompt, GEN_CHARS)
         m["inference_carried_s"] = time.perf_counter() - t0
@@ -416,11 +437,15 @@ class Trainer:
         generate_refeed(self.model, self.vocab, text_prompt, GEN_CHARS, T)
         m["inference_refeed_s"] = time.perf_counter() - t0
         m["predicted"] = greedy[0]  # the next character after the seed's prompt
+        self._status("writing sample.txt")
         sampled = generate(self.model, self.vocab, text_prompt, GEN_CHARS, temperature=0.8, top_k=20, seed=cfg.seed)
         atomic_write(self.dir / SAMPLE_FILE,
                      f"=== prompt ===\n{text_prompt}\n\n=== sampled (temperature 0.8, top-k 20, seed {cfg.seed}) ===\n"
                      f"{sampled}\n\n=== greedy ===\n{greedy}\n")
         self.save(done=True, metrics=m)
+        if self.bar is not None:
+            self._status(f"done: held-out loss {vl:.3f}")
+            self.bar.close()
         return m
 
 

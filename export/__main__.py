@@ -128,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(opts.verbose)
     try:
         if opts.engine == "trt":
-            from export.tensorrt import require_tensorrt
+            from export.tensorrt import hardware_level, require_tensorrt
 
-            require_tensorrt()  # before any work: say what is missing in one sentence
+            trt = require_tensorrt()  # before any work: say what is missing in one sentence
+            if trt_opts.hardware_compatible != "none":
+                hardware_level(trt, trt_opts)
         rows = run(opts, trt_opts, triton_opts)
     except (TensorRTUnavailable, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

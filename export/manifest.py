@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "charrnn-export/1"
-EXPORTER_VERSION = 1  # bump when the exported graph changes, so reruns rebuild instead of skipping
+EXPORTER_VERSION = 2  # 2: the head runs on the last position only; bump when the exported graph changes, so reruns rebuild instead of skipping
 
 
 def publish_if_parity(ckpt: Checkpoint, candidate: Path, path: Path, runtime, spec) -> dict:

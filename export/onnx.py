@@ -37,17 +37,26 @@ FILE = "model.onnx"
 
 
 class StepModel(nn.Module):
-    """CharRNN as the exported step: last-position logits and the new state, float32 at the edges."""
+    """CharRNN as the exported step: last-position logits and the new state, float32 at the edges.
+
+    The same layers as CharRNN.forward, except that the head runs on the last position only: a prefill of
+    T tokens makes one head matmul per layer instead of T (parity checks it against CharRNN)."""
 
     def __init__(self, model: CharRNN, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.model, self.dtype = model.to(dtype), dtype
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
+        m = self.model
         if self.dtype != torch.float32:
             state = tuple(s.to(self.dtype) for s in state)
-        logits, state = self.model(tokens, state)  # (B, T, V), ((B, H), ...)
-        out = (logits[:, -1], *state)  # (B, V), ...
+        x = m.embed(tokens)  # (B, T, H)
+        hx = tuple(s.unsqueeze(0).contiguous() for s in state)  # (1, B, H): nn.RNN's layout
+        y, hx = m.rnn(x, hx if m.cfg.cell == "lstm" else hx[0])  # y (B, T, H)
+        hx = hx if isinstance(hx, tuple) else (hx,)
+        # Slice (negative start) + Flatten: squeeze(1) exports as an If on T's size, Gather(-1) as a negative index
+        logits = m.head(y[:, -1:].flatten(1))  # (B, V)
+        out = (logits, *(s.squeeze(0) for s in hx))  # (B, V), (B, H) ...
         return tuple(t.float() for t in out) if self.dtype != torch.float32 else out
 
 

@@ -2,7 +2,8 @@
 
 PATH is an exported file (.onnx or .engine), an export directory (its manifest.json names the files
 and the source checkpoint), a Triton model directory, or a directory of any of these (e.g. exports/).
-The reference is eager PyTorch on the source checkpoint, or on --checkpoint. --provider runs the ONNX
+The reference is eager PyTorch on the source checkpoint, or on --checkpoint; int8 exports are judged as
+they were accepted, by held-out loss within 0.01 nats/char of fp32 (export.quality). --provider runs the ONNX
 files on ONNX Runtime's CPU, CUDA or TensorRT execution provider; a provider this machine lacks, or one
 onnxruntime lists but does not load, is reported as skipped. On a GPU, TF32 is off for the whole run
 (NVIDIA_TF32_OVERRIDE=0), as fp32 parity at 1e-5 needs. Exit codes: 0 every check passed (or was skipped), 1 some check failed, 2 bad input.
@@ -95,7 +96,8 @@ def ort_runtime(path: Path, provider: str) -> OrtRuntime:
         raise Skip(str(e)) from None
 
 
-def check_one(path: Path, mdir: Path | None, provider: str, checkpoint: Path | None) -> dict:
+def check_one(path: Path, mdir: Path | None, provider: str, checkpoint: Path | None,
+              data: Path | None = None) -> dict:
     onnx_meta = path if path.suffix == ".onnx" else path.with_name("model.onnx")
     meta = read_onnx_metadata(onnx_meta)
     row = {"model": meta["model_id"], "file": str(path), "precision": meta.get("precision", "fp32"),
@@ -109,6 +111,14 @@ def check_one(path: Path, mdir: Path | None, provider: str, checkpoint: Path | N
         candidate = runtime_for(path, provider)
     except Skip as e:
         return {**row, "status": "skipped", "note": str(e)}
+    if row["precision"] == "int8":  # approximate: judged by held-out loss, as the export was
+        from export.quality import check_quality, summary as quality_summary
+        from train.checkpoint import load_checkpoint
+
+        report = check_quality(load_checkpoint(source), candidate, data)
+        log.info("%s: %s", row["model"], quality_summary(report))
+        return {**row, "status": "passed" if report["passed"] else "FAILED", "quality": report,
+                **parity_cells(report)}
     report = check_parity(TorchRuntime(source), candidate, ParitySpec.for_precision(row["precision"]))
     log.info("%s: %s", row["model"], summary(report))
     return {**row, "status": "passed" if report["passed"] else "FAILED", "parity": report, **parity_cells(report)}
@@ -120,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("path", type=Path, metavar="PATH",
                         help="exported file, export directory, or a directory of them")
     parser.add_argument("--checkpoint", type=Path, help="reference checkpoint (default: the one the manifest names)")
+    parser.add_argument("--data", type=Path, metavar="PATH",
+                        help="int8 exports: the training corpus for the held-out check (default: as exporting found it)")
     parser.add_argument("--provider", choices=PROVIDERS, default="cpu",
                         help="ONNX Runtime execution provider (default: cpu)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         os.environ["NVIDIA_TF32_OVERRIDE"])
         for path, mdir in targets:
             try:
-                rows.append(check_one(path, mdir, args.provider, args.checkpoint))
+                rows.append(check_one(path, mdir, args.provider, args.checkpoint, args.data))
             except (ParityError, CheckpointError, ValueError) as e:
                 if len(targets) == 1 and not isinstance(e, ParityError):
                     raise

@@ -40,6 +40,19 @@ def publish_if_parity(ckpt: Checkpoint, candidate: Path, path: Path, runtime, sp
     return report
 
 
+def publish_if_quality(ckpt: Checkpoint, candidate: Path, path: Path, runtime, data=None) -> dict:
+    """publish_if_parity for approximate exports (int8): accepted by held-out loss (export.quality)."""
+    from export.quality import QualityError, check_quality, summary
+
+    report = check_quality(ckpt, runtime, data)
+    log.info("%s: %s", ckpt.model_id, summary(report))
+    if not report["passed"]:
+        raise QualityError(f"{ckpt.model_id}: {summary(report)}; {path.name} was not written")
+    publish(candidate)
+    os.replace(candidate, path)
+    return report
+
+
 def publish(path: Path, data: bytes | str | None = None) -> None:
     """Write atomically (when data is given) and make the file world-readable like any shared artifact:
     the temp files behind atomic writes are private (0600), but Triton or a server may run as another user."""

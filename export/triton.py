@@ -102,13 +102,13 @@ sequence_batching {{
 
 
 def export_triton(ckpt_dir: Path, repo: Path = Path("exports/triton"), precision: str = "fp32",
-                  opts: TritonOptions = TritonOptions(), force: bool = False) -> dict:
+                  opts: TritonOptions = TritonOptions(), force: bool = False, data: Path | None = None) -> dict:
     """Write (or refresh) one model of the repository; the ONNX file is parity-checked like any export."""
     ckpt = load_checkpoint(ckpt_dir)
     name = manifest.export_name(ckpt.model_id, precision)
     model_dir = Path(repo) / name
     result = export_onnx_result(ckpt_dir, model_dir / "1", precision, force=force, manifest_dir=model_dir,
-                                engine="triton")
+                                engine="triton", data=data)
     cfg = ckpt.model.cfg
     config = config_pbtxt(name, cfg.cell, cfg.hidden_size, cfg.vocab_size, opts)
     path = model_dir / "config.pbtxt"

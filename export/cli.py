@@ -42,6 +42,8 @@ def parity_cells(report: dict | None) -> dict:
     its held-out loss is from fp32's, greedy characters identical)."""
     if not report:
         return {"max|dlogits|": "-", "greedy": "-"}
+    if report.get("judged") is False:
+        return {"max|dlogits|": "not judged", "greedy": "-"}
     if "delta_nats" in report:
         return {"max|dlogits|": f"dloss {report['delta_nats']:+.4f}",
                 "greedy": f"{report['greedy_identical_chars']}/{report['greedy_chars']}"}

@@ -177,7 +177,8 @@ def check_io(proto, num_states: int) -> None:
 
 def export_onnx(ckpt_dir: Path, out_dir: Path | None = None, precision: str = "fp32", *, opset: int = OPSET,
                 force: bool = False, parity: ParitySpec | None = None, file: str = FILE,
-                manifest_dir: Path | None = None, engine: str = "onnx", data: Path | None = None) -> Path:
+                manifest_dir: Path | None = None, engine: str = "onnx", data: Path | None = None,
+                judge: bool = True) -> Path:
     """Export, check parity against eager PyTorch, and only then mark the export done. Returns the .onnx path.
 
     Skips the work when the manifest says this checkpoint was already exported with these options
@@ -185,15 +186,16 @@ def export_onnx(ckpt_dir: Path, out_dir: Path | None = None, precision: str = "f
     Errors in the checkpoint are train.checkpoint.CheckpointError.
     """
     return export_onnx_result(ckpt_dir, out_dir, precision, opset=opset, force=force, parity=parity,
-                              file=file, manifest_dir=manifest_dir, engine=engine, data=data)["path"]
+                              file=file, manifest_dir=manifest_dir, engine=engine, data=data, judge=judge)["path"]
 
 
 def export_onnx_result(ckpt_dir: Path, out_dir: Path | None = None, precision: str = "fp32", *,
                        opset: int = OPSET, force: bool = False, parity: ParitySpec | None = None,
                        file: str = FILE, manifest_dir: Path | None = None, engine: str = "onnx",
-                       data: Path | None = None) -> dict:
+                       data: Path | None = None, judge: bool = True) -> dict:
     """export_onnx with the details the CLI reports: path, skipped, seconds, parity (int8: quality, judged on
-    held-out text of the training corpus, `data` or the one the checkpoint names)."""
+    held-out text of the training corpus, `data` or the one the checkpoint names; `judge=False` skips that for
+    random-weight models, which have no corpus: the manifest says so)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     ckpt = load_checkpoint(ckpt_dir)
@@ -202,7 +204,7 @@ def export_onnx_result(ckpt_dir: Path, out_dir: Path | None = None, precision: s
     path = out_dir / file
     source = manifest.source_of(ckpt)
     options = {"precision": precision, "opset": opset, "exporter": "torch.onnx.export(dynamo=False)",
-               "fold_embedding": folds(ckpt.model.cfg)}
+               "fold_embedding": folds(ckpt.model.cfg), **({} if judge else {"judged": False})}
     if precision == "int8":
         from export.int8 import QUANTIZATION, decode_form
 
@@ -218,7 +220,11 @@ def export_onnx_result(ckpt_dir: Path, out_dir: Path | None = None, precision: s
         build_onnx(ckpt, candidate, precision, opset, source["checkpoint_sha256"])
         export_s = time.perf_counter() - t0
         runtime = OrtRuntime(candidate, threads=1)
-        if precision == "int8":
+        if precision == "int8" and not judge:
+            manifest.publish(candidate)
+            os.replace(candidate, path)
+            check = {"quality": {"passed": None, "judged": False, "why": "not judged (random weights, no corpus)"}}
+        elif precision == "int8":
             check = {"quality": manifest.publish_if_quality(ckpt, candidate, path, runtime, data)}
         else:
             check = {"parity": manifest.publish_if_parity(ckpt, candidate, path, runtime,

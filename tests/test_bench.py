@@ -344,6 +344,14 @@ def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run)
         servers = [r["details"]["server_cpu_s"] for r in grpc]
         assert all(s["front"] >= 0 and s["workers"] >= 0 for s in servers)
         assert sum(s["workers"] for s in servers) > 0  # the model steps in the worker processes
+    # int8: its own backend, timed at int8 whatever --precisions, with a limit at one byte per weight
+    int8 = [r for r in rep["records"] if r["backend"] == "ort-cpu-int8" and r["mode"] == "step"]
+    assert {r["batch"] for r in int8} == {1, 8} and all(r["precision"] == "int8" for r in int8)
+    limits = {(r["model"], r["precision"], r["batch"]): r for r in rep["records"] if r["mode"] == "limit"}
+    for r in int8:
+        lim32, lim8 = limits[(r["model"], "fp32", r["batch"])], limits[(r["model"], "int8", r["batch"])]
+        assert lim8["details"]["weight_bytes"] * 4 == lim32["details"]["weight_bytes"]
+    assert "ort-cpu-int8 |" in (quick_run[0] / "latency.md").read_text()
     measured = {r["backend"] for r in rep["records"]}
     for name in BACKENDS:  # every backend is either measured or listed with its reason
         assert name in measured or any(s["backend"] == name and s["reason"] for s in rep["skipped"]), name
@@ -360,7 +368,8 @@ def test_quick_run_kept_the_server_and_the_load_generator_on_their_cpus(quick_ru
     one_stream = [t for t in rep["targets"] if t["target"] == "grpc_one_stream_2x"]
     assert one_stream and all(t["measured"] > 0 for t in one_stream)  # judged on this run's loop and grpc records
     loops = [r for r in rep["records"] if r["mode"] == "loop"]
-    assert {(r["backend"], r["batch"]) for r in loops} == {(b, c) for b in ("torch", "ort-cpu") for c in (1, 8)}
+    assert {(r["backend"], r["batch"]) for r in loops} == {(b, c) for b in ("torch", "ort-cpu", "ort-cpu-int8")
+                                                           for c in (1, 8)}
     assert all(r["samples"] == 8 for r in loops)
 
 

@@ -6,6 +6,7 @@
 | `torch-cuda`      | the same on the GPU (the baseline of the GPU backends)                 | cuda   |
 | `torch-cudagraph` | CudaGraphRuntime below: one captured CUDA graph per batch size          | cuda   |
 | `ort-cpu`         | onnxruntime, CPUExecutionProvider, on the exported step model           | cpu    |
+| `ort-cpu-int8`    | the same on the int8 export (`python -m export --precision int8`)     | cpu    |
 | `ort-cuda`        | onnxruntime, CUDAExecutionProvider                                    | cuda   |
 | `ort-trt`         | onnxruntime, TensorrtExecutionProvider (explicit decode/prefill profiles, engine cache) | cuda |
 | `tensorrt`        | a native TensorRT engine (export.tensorrt.TensorRTRuntime)             | cuda   |
@@ -45,6 +46,8 @@ BACKENDS = {b.name: b for b in (
     Backend("torch-cuda", "cuda", "eager PyTorch, CUDA", None, ("fp32",)),
     Backend("torch-cudagraph", "cuda", "PyTorch + CUDA graphs", None, ("fp32",)),
     Backend("ort-cpu", "cpu", "onnxruntime CPU", ("onnxruntime", "cpu"), provider="CPUExecutionProvider"),
+    Backend("ort-cpu-int8", "cpu", "onnxruntime CPU, int8 weights", ("onnxruntime", "cpu"), ("int8",),
+            provider="CPUExecutionProvider"),
     Backend("ort-cuda", "cuda", "onnxruntime CUDA", ("onnxruntime", "cuda"), provider="CUDAExecutionProvider"),
     Backend("ort-trt", "cuda", "onnxruntime TensorRT", ("onnxruntime", "tensorrt"),
             provider="TensorrtExecutionProvider"),
@@ -102,9 +105,12 @@ class Exports:
 
         key = ("onnx", model.model_id, precision)
         if key not in self._done:
-            spec = ParitySpec.for_precision(precision, **(self.parity or {}))
-            self._done[key] = export_onnx(model.path, self.root / "onnx" / precision / model.model_id, precision,
-                                          parity=spec)
+            out = self.root / "onnx" / precision / model.model_id
+            if precision == "int8":  # judged by held-out loss when trained; random weights have no corpus
+                self._done[key] = export_onnx(model.path, out, precision, judge=model.weights != "random")
+            else:
+                spec = ParitySpec.for_precision(precision, **(self.parity or {}))
+                self._done[key] = export_onnx(model.path, out, precision, parity=spec)
         return self._done[key]
 
     def engine(self, model: BenchModel, precision: str) -> Path:
@@ -129,7 +135,7 @@ def bench_profiles(max_batch: int) -> Profiles:
 
 def ort_providers(name: str, model: BenchModel, precision: str, cache: Path, max_batch: int = 256) -> list:
     b = BACKENDS[name]
-    if name == "ort-cpu":
+    if b.device == "cpu":
         return [b.provider]
     cuda = ("CUDAExecutionProvider", {"device_id": "0"})
     if name == "ort-cuda":

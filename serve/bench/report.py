@@ -103,6 +103,11 @@ def limit_us(weight_bytes: float, flops: float, bytes_per_s: float, flops_per_s:
             "bound": "memory" if memory >= compute else "compute"}
 
 
+# bytes per weight a step reads at each precision: int8's limit is int8 bytes / bandwidth (its matmul rate is
+# taken as fp32's, which only matters where compute, not memory, bounds the step)
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
 def add_limits(records: list[dict], models: list[BenchModel], limits: dict) -> list[dict]:
     """limit_us and x_limit (measured / limit, per character) on each step record whose device was probed;
     returns one 'limit' record per (model, device, precision, batch): the machine's best, per character."""
@@ -113,7 +118,7 @@ def add_limits(records: list[dict], models: list[BenchModel], limits: dict) -> l
         if r["mode"] != "step" or probe is None or r["model"] not in by_id:
             continue
         m, B = by_id[r["model"]], r["batch"]
-        nbytes = 2 if r["precision"] == "fp16" else 4
+        nbytes = WEIGHT_BYTES[r["precision"]]
         bw = bandwidth_for(probe["bandwidth"], m.weight_bytes(1, nbytes))
         flops = probe["matmul_flops"].get(r["precision"], probe["matmul_flops"]["fp32"])["best"]
         lim = limit_us(m.weight_bytes(B, nbytes), m.flops(B), bw, flops)
@@ -348,7 +353,8 @@ def _order(r: dict) -> tuple:
 
 def _label(r: dict) -> str:
     """backend, then precision and thread count where they are not the usual fp32 and 1."""
-    return (r["backend"] + ("" if r["precision"] == "fp32" else f" {r['precision']}")
+    shown = r["precision"] == "fp32" or r["backend"].endswith(r["precision"])  # ort-cpu-int8 says it already
+    return (r["backend"] + ("" if shown else f" {r['precision']}")
             + ("" if r["threads"] == 1 else f" t{r['threads']}"))
 
 

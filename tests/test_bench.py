@@ -142,6 +142,22 @@ def test_targets_are_judged_on_this_runs_records():
     assert gpu["passed"] is None and "TensorRT is not installed" in gpu["note"]
 
 
+def test_int8_targets_compare_with_fp32_and_its_limit():
+    fp32_1, fp32_64 = rec("ort-cpu", p50=150.0), rec("ort-cpu", p50=20.0, batch=64)
+    int8_1, int8_64 = rec("ort-cpu-int8", p50=60.0), rec("ort-cpu-int8", p50=18.0, batch=64)
+    for r in (int8_1, int8_64):
+        r["precision"] = "int8"
+    limit = rec("machine", "limit", p50=80.0)
+    limit["limit_us"] = 80.0
+    targets = {t["target"]: t for t in report.evaluate_targets([fp32_1, fp32_64, int8_1, int8_64, limit], [])}
+    assert targets["int8_1.5x"]["measured"] == 2.5 and targets["int8_1.5x"]["passed"]
+    assert targets["int8_64_1.3x"]["measured"] == pytest.approx(20 / 18) and targets["int8_64_1.3x"]["passed"] is False
+    assert targets["int8_under_fp32_limit"]["measured"] == 0.75 and targets["int8_under_fp32_limit"]["passed"]
+    assert targets["int8_1.5x"]["backend"] == "ort-cpu-int8"  # its label names the precision once
+    assert report.evaluate_targets([fp32_1], []) and all(
+        t["passed"] is None for t in report.evaluate_targets([fp32_1], []) if t["target"].startswith("int8"))
+
+
 def test_summary_divides_calls_into_characters():
     s = summary_us(np.array([1e-3, 2e-3, 3e-3]), per=10)
     assert s["p50"] == pytest.approx(200.0) and s["mean"] == pytest.approx(200.0)

@@ -147,6 +147,10 @@ TARGETS = {
                          "(same chars/msg)",
     "grpc_one_stream_2x": "gRPC server on onnxruntime CPU, one stream: time per character within 2x of the "
                           "in-process step loop (Runtime.step + sampling, one stream)",
+    "int8_1.5x": "int8 onnxruntime CPU step at batch 1 >= 1.5x faster than the fp32 one (LSTM, GRU; hidden 512)",
+    "int8_64_1.3x": "int8 onnxruntime CPU step at batch 64 >= 1.3x faster than the fp32 one (LSTM, GRU; hidden 512)",
+    "int8_under_fp32_limit": "int8 step at batch 1 faster than the fp32 machine limit (measured / fp32 limit < 1; "
+                             "hidden 512)",
 }
 
 
@@ -157,10 +161,14 @@ NEEDS = {  # what each target needs that a run may lack
     "gpu_3x": "it needs a GPU backend (tensorrt, torch-cudagraph) in step mode",
     "grpc_batching_10x": "it needs grpc mode on ort-cpu at concurrency 1 and 64",
     "grpc_one_stream_2x": "it needs grpc mode on ort-cpu at concurrency 1",
+    "int8_1.5x": "it needs step mode with ort-cpu and ort-cpu-int8 on an LSTM or GRU at hidden 512, batch 1",
+    "int8_64_1.3x": "it needs step mode with ort-cpu and ort-cpu-int8 on an LSTM or GRU at hidden 512, batch 64",
+    "int8_under_fp32_limit": "it needs step and limit modes with ort-cpu-int8 at hidden 512",
 }
 THRESHOLDS = {  # what each target asks: (threshold, whether the measure must be higher or lower)
     "ort_cpu_3x": (3.0, "higher"), "carried_20x": (20.0, "higher"), "limit_3x": (3.0, "lower"),
     "gpu_3x": (3.0, "higher"), "grpc_batching_10x": (10.0, "higher"), "grpc_one_stream_2x": (2.0, "lower"),
+    "int8_1.5x": (1.5, "higher"), "int8_64_1.3x": (1.3, "higher"), "int8_under_fp32_limit": (1.0, "lower"),
 }
 
 
@@ -171,6 +179,26 @@ def _target(key: str, r: dict | None, measured: float | None, model: str = "", b
     return {"target": key, "description": TARGETS[key], "model": r["model"] if r else model,
             "backend": backend or (_label(r) if r else ""), "measured": measured, "threshold": threshold,
             "better": better, "passed": passed, "note": note}
+
+
+def _int8_targets(records: list[dict]) -> list[dict]:
+    """int8 against fp32 on onnxruntime CPU, same model, batch and threads; and against fp32's limit."""
+    step = {(r["model"], r["backend"], r["batch"], r["threads"]): r for r in records if r["mode"] == "step"}
+    limits = {(r["model"], r["batch"], r["threads"]): r for r in records
+              if r["mode"] == "limit" and r["precision"] == "fp32"}
+    out = []
+    for (model, backend, batch, threads), r in step.items():
+        fp32 = step.get((model, "ort-cpu", batch, threads))
+        if backend != "ort-cpu-int8" or r["hidden_size"] != 512 or r["cell"] not in ("lstm", "gru"):
+            continue
+        if fp32 and batch in (1, 64):
+            out.append(_target("int8_1.5x" if batch == 1 else "int8_64_1.3x", r, speedup(fp32, r, "p50_us"),
+                               note=f"{r['p50_us']:.1f} vs {fp32['p50_us']:.1f} us per character"))
+        lim = limits.get((model, 1, threads))
+        if batch == 1 and lim:
+            out.append(_target("int8_under_fp32_limit", r, r["p50_us"] / lim["limit_us"],
+                               note=f"{r['p50_us']:.1f} us vs the fp32 limit {lim['limit_us']:.1f} us"))
+    return out
 
 
 def evaluate_targets(records: list[dict], skipped: list[dict], floor: list[dict] = ()) -> list[dict]:
@@ -232,6 +260,7 @@ def evaluate_targets(records: list[dict], skipped: list[dict], floor: list[dict]
                                note=f"{msg_label(r)} chars/msg, {r['details']['max_chars']} per request: "
                                     f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character{bare}; "
                                     f"{where(r)}{cpu_use(r)}"))
+    out += _int8_targets(records)
     for key in THRESHOLDS:
         if not any(t["target"] == key for t in out):
             why = "; ".join(sorted({s["reason"].rstrip(".") for s in skipped if key == "gpu_3x" and s.get("backend") in

@@ -10,8 +10,8 @@ import pytest
 
 from export import manifest
 from export.__main__ import main
-from export.int8 import gemm_to_matmul, with_decode_branch
-from export.onnx import export_onnx_result, stamp, trace_step
+from export.int8 import cell_model
+from export.onnx import export_onnx_result, stamp
 from export.parity import ParitySpec, check_parity
 from export.quality import QualityError
 from export.runtime import OrtRuntime, TorchRuntime
@@ -44,13 +44,13 @@ def exported(trained, tmp_path_factory):
 
 
 @pytest.mark.parametrize("cell", ["rnn", "gru"])
-def test_cell_equation_decode_step_is_exact_before_quantization(trained, tmp_path, cell):
-    """The If graph (cell equations at T = 1, native op for T > 1), unquantized, passes fp32 parity at 1e-5."""
+def test_cell_equation_graph_is_exact_before_quantization(trained, tmp_path, cell):
+    """The GRU/RNN cell graph (If T == 1: the equations once; else a Scan of them), unquantized, passes fp32
+    parity at 1e-5: decode steps and prefills through the step protocol."""
     ckpt = load_checkpoint(trained[cell])
-    proto = with_decode_branch(trace_step(ckpt), ckpt.model, cell)
-    gemm_to_matmul(proto.graph)
+    proto = cell_model(ckpt.model, cell)
     stamp(proto, ckpt, "fp32", "")
-    onnx.checker.check_model(proto)
+    onnx.checker.check_model(proto, full_check=True)
     path = tmp_path / "cells.onnx"
     path.write_bytes(proto.SerializeToString())
     report = check_parity(TorchRuntime(trained[cell]), OrtRuntime(path), ParitySpec(batches=(1, 3), prefills=(1, 9)))
@@ -73,7 +73,7 @@ def test_int8_export_is_accepted_by_held_out_loss_and_recorded(exported, cell):
     if cell == "lstm":
         assert "DynamicQuantizeLSTM" in ops and "MatMulInteger" in ops
     else:
-        assert "If" in ops and "MatMulInteger" in sub and cell.upper() in sub  # int8 decode, native prefill
+        assert "If" in ops and "MatMulInteger" in sub and "Scan" in sub and cell.upper() not in sub
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -27,7 +27,7 @@ class QualityError(ParityError):
 
 def corpus_text(ckpt, data: Path | str | None = None) -> tuple[str, str]:
     """(corpus name, text) the checkpoint was trained on: `data` if given (a file or its folder), else the path
-    its config.json records, else the corpus found as training finds it (CHARRNN_DATA_DIR, the cache)."""
+    its config.json records, else the corpus found as training finds it (train.corpus.resolve)."""
     from train.corpus import CORPORA, CorpusError, load_text, resolve
 
     info = ckpt.config.get("corpus") or {}
@@ -43,7 +43,7 @@ def corpus_text(ckpt, data: Path | str | None = None) -> tuple[str, str]:
             return name, load_text(path)
     if not data and name in CORPORA:
         try:
-            return name, load_text(resolve(name, allow_download=False))
+            return name, load_text(resolve(name))
         except CorpusError:
             pass
     raise QualityError(f"{ckpt.model_id}: the held-out check needs the training corpus ({name or 'unnamed'}, "

@@ -21,13 +21,18 @@ CELLS = ("rnn", "lstm", "gru")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir):
+def trained(tmp_path_factory):
     """{cell: checkpoint dir}: hidden 64 (the embedding folds: V < H), fc 2, one short epoch on 120k characters."""
+    from train import corpus as corpora
     from train.trainer import Job, TrainConfig, train_one
 
+    try:
+        text = corpora.load_text(corpora.resolve("tinyshakespeare"))
+    except corpora.CorpusError as e:
+        pytest.skip(f"tiny Shakespeare not found: {e}")
     root = tmp_path_factory.mktemp("int8")
     corpus = root / "slice.txt"
-    corpus.write_text((data_dir / "tinyshakespeare.txt").read_text()[:120_000])
+    corpus.write_text(text[:120_000])
     out = {}
     for cell in CELLS:
         cfg = TrainConfig(epochs=1, batch_size=32, lr=3e-3, evals_per_epoch=1, patience=0, device="cpu", threads=1)

@@ -26,28 +26,34 @@ class QualityError(ParityError):
 
 
 def corpus_text(ckpt, data: Path | str | None = None) -> tuple[str, str]:
-    """(corpus name, text) the checkpoint was trained on: `data` if given (a file or its folder), else the path
-    its config.json records, else the corpus found as training finds it (train.corpus.resolve)."""
-    from train.corpus import CORPORA, CorpusError, load_text, resolve
+    """(corpus name, text) the checkpoint was trained on: `data` if given (a file or its folder: the user's
+    choice, used as given), else the path its config.json records, else the corpus found as training finds it
+    (train.corpus.resolve); either of those only when its sha256 is the one the checkpoint recorded."""
+    from train.corpus import CORPORA, CorpusError, load_text, resolve, sha256_text
 
     info = ckpt.config.get("corpus") or {}
-    name = info.get("name", "")
-    candidates = []
+    name, want = info.get("name", ""), info.get("sha256")
     if data:
         data = Path(data)
-        candidates.append(data / CORPORA[name].filename if data.is_dir() and name in CORPORA else data)
-    elif info.get("path"):
-        candidates.append(Path(info["path"]))
-    for path in candidates:
+        path = data / CORPORA[name].filename if data.is_dir() and name in CORPORA else data
         if path.is_file():
             return name, load_text(path)
-    if not data and name in CORPORA:
-        try:
-            return name, load_text(resolve(name))
-        except CorpusError:
-            pass
-    raise QualityError(f"{ckpt.model_id}: the held-out check needs the training corpus ({name or 'unnamed'}, "
-                       f"{info.get('path') or 'no path recorded'}) and it is not there; pass --data PATH")
+    else:
+        found = []
+        if info.get("path"):
+            found.append(lambda: Path(info["path"]))
+        if name in CORPORA:
+            found.append(lambda: resolve(name))
+        for where in found:
+            try:
+                text = load_text(where())
+            except (CorpusError, OSError):
+                continue
+            if not want or sha256_text(text) == want:
+                return name, text
+    raise QualityError(f"{ckpt.model_id}: the held-out check needs the text it was trained on ({name or 'unnamed'}, "
+                       f"{info.get('path') or 'no path recorded'}, sha256 {str(want)[:12]}...) and it is not there; "
+                       "pass --data PATH")
 
 
 def stream_loss(rt: Runtime, ids: np.ndarray, n_streams: int = N_STREAMS) -> tuple[float, float]:

@@ -38,7 +38,14 @@ def table(rows: list[dict], columns: list[str]) -> str:
 
 
 def parity_cells(report: dict | None) -> dict:
+    """The two summary columns: parity (max |dlogits|, greedy identical), or an int8 export's quality (how far
+    its held-out loss is from fp32's, greedy characters identical)."""
     if not report:
         return {"max|dlogits|": "-", "greedy": "-"}
+    if report.get("judged") is False:
+        return {"max|dlogits|": "not judged", "greedy": "-"}
+    if "delta_nats" in report:
+        return {"max|dlogits|": f"dloss {report['delta_nats']:+.4f}",
+                "greedy": f"{report['greedy_identical_chars']}/{report['greedy_chars']}"}
     return {"max|dlogits|": f"{report['max_abs_logits']:.1e}",
             "greedy": "identical" if report["greedy_identical"] else "DIVERGED"}

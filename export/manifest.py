@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "charrnn-export/1"
-EXPORTER_VERSION = 1  # bump when the exported graph changes, so reruns rebuild instead of skipping
+EXPORTER_VERSION = 2  # 2: the head runs on the last position only; bump when the exported graph changes, so reruns rebuild instead of skipping
 
 
 def publish_if_parity(ckpt: Checkpoint, candidate: Path, path: Path, runtime, spec) -> dict:
@@ -35,6 +35,19 @@ def publish_if_parity(ckpt: Checkpoint, candidate: Path, path: Path, runtime, sp
     log.info("%s: %s", ckpt.model_id, summary(report))
     if not report["passed"]:
         raise ParityError(f"{ckpt.model_id}: {summary(report)}; {path.name} was not written")
+    publish(candidate)
+    os.replace(candidate, path)
+    return report
+
+
+def publish_if_quality(ckpt: Checkpoint, candidate: Path, path: Path, runtime, data=None) -> dict:
+    """publish_if_parity for approximate exports (int8): accepted by held-out loss (export.quality)."""
+    from export.quality import QualityError, check_quality, summary
+
+    report = check_quality(ckpt, runtime, data)
+    log.info("%s: %s", ckpt.model_id, summary(report))
+    if not report["passed"]:
+        raise QualityError(f"{ckpt.model_id}: {summary(report)}; {path.name} was not written")
     publish(candidate)
     os.replace(candidate, path)
     return report

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -31,23 +32,32 @@ from train.model import CharRNN
 log = logging.getLogger(__name__)
 
 OPSET = 17
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 STATE_IN, STATE_OUT = ("h_in", "c_in"), ("h_out", "c_out")
 FILE = "model.onnx"
 
 
 class StepModel(nn.Module):
-    """CharRNN as the exported step: last-position logits and the new state, float32 at the edges."""
+    """CharRNN as the exported step: last-position logits and the new state, float32 at the edges.
+
+    The same layers as CharRNN.forward, except that the head runs on the last position only: a prefill of
+    T tokens makes one head matmul per layer instead of T (parity checks it against CharRNN)."""
 
     def __init__(self, model: CharRNN, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.model, self.dtype = model.to(dtype), dtype
 
     def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
+        m = self.model
         if self.dtype != torch.float32:
             state = tuple(s.to(self.dtype) for s in state)
-        logits, state = self.model(tokens, state)  # (B, T, V), ((B, H), ...)
-        out = (logits[:, -1], *state)  # (B, V), ...
+        x = m.embed(tokens)  # (B, T, H)
+        hx = tuple(s.unsqueeze(0).contiguous() for s in state)  # (1, B, H): nn.RNN's layout
+        y, hx = m.rnn(x, hx if m.cfg.cell == "lstm" else hx[0])  # y (B, T, H)
+        hx = hx if isinstance(hx, tuple) else (hx,)
+        # Slice (negative start) + Flatten: squeeze(1) exports as an If on T's size, Gather(-1) as a negative index
+        logits = m.head(y[:, -1:].flatten(1))  # (B, V)
+        out = (logits, *(s.squeeze(0) for s in hx))  # (B, V), (B, H) ...
         return tuple(t.float() for t in out) if self.dtype != torch.float32 else out
 
 
@@ -88,6 +98,21 @@ def default_out_dir(ckpt_dir: Path, precision: str = "fp32", root: Path = Path("
 def build_onnx(ckpt: Checkpoint, path: Path, precision: str = "fp32", opset: int = OPSET,
                checkpoint_sha256: str = "") -> None:
     """Trace the step model to `path` (atomically), stamp the metadata and check the graph."""
+    if precision == "int8":
+        from export.int8 import build_int8
+
+        proto = build_int8(ckpt, trace_step(ckpt, "fp32", opset))
+        stamp(proto, ckpt, precision, checkpoint_sha256)
+        check_io(proto, ckpt.model.cfg.num_states)
+    else:
+        proto = trace_step(ckpt, precision, opset)
+        stamp(proto, ckpt, precision, checkpoint_sha256)
+        check_graph(proto, ckpt.model.cfg.num_states, ckpt.model.cfg.cell)
+    atomic_write(path, proto.SerializeToString())
+
+
+def trace_step(ckpt: Checkpoint, precision: str = "fp32", opset: int = OPSET):
+    """The step model as an ONNX ModelProto (fp32 or fp16), traced by the legacy exporter."""
     import onnx
 
     cfg = ckpt.model.cfg
@@ -100,15 +125,17 @@ def build_onnx(ckpt: Checkpoint, path: Path, precision: str = "fp32", opset: int
     inputs, outputs = io_names(cfg.num_states)
     args = (torch.zeros(2, 3, dtype=torch.int64), *model.zero_state(2, dtype=torch.float32))  # B, T != 1
     axes = {"tokens": {0: "B", 1: "T"}, **{n: {0: "B"} for n in inputs[1:] + outputs}}
-    tmp = path.with_name(f".{path.name}.trace.tmp")
-    try:
+    with tempfile.TemporaryDirectory() as tmp:
         with warnings.catch_warnings():  # the legacy exporter's deprecation and tracer notes
             warnings.simplefilter("ignore")
-            torch.onnx.export(step, args, str(tmp), input_names=inputs, output_names=outputs,
+            torch.onnx.export(step, args, f"{tmp}/step.onnx", input_names=inputs, output_names=outputs,
                               dynamic_axes=axes, opset_version=opset, dynamo=False, do_constant_folding=True)
-        proto = onnx.load(str(tmp))
-    finally:
-        tmp.unlink(missing_ok=True)
+        return onnx.load(f"{tmp}/step.onnx")
+
+
+def stamp(proto, ckpt: Checkpoint, precision: str, checkpoint_sha256: str) -> None:
+    """The metadata every step model carries (DESIGN.md), and a doc string."""
+    cfg = ckpt.model.cfg
     meta = {"model_id": manifest.export_name(ckpt.model_id, precision), "cell": cfg.cell,
             "hidden_size": str(cfg.hidden_size), "fc_layers": str(cfg.fc_layers),
             "vocab": json.dumps(ckpt.vocab.chars),  # a JSON string: vocabularies hold newlines
@@ -119,8 +146,6 @@ def build_onnx(ckpt: Checkpoint, path: Path, precision: str = "fp32", opset: int
         proto.metadata_props.add(key=key, value=value)
     proto.doc_string = (f"charrnn step model {ckpt.model_id} ({precision}): tokens [B, T] + state [B, H] -> "
                         "last-position logits [B, V] + new state")
-    check_graph(proto, cfg.num_states, cfg.cell)
-    atomic_write(path, proto.SerializeToString())
 
 
 def check_graph(proto, num_states: int, cell: str) -> None:
@@ -128,6 +153,14 @@ def check_graph(proto, num_states: int, cell: str) -> None:
     import onnx
 
     onnx.checker.check_model(proto, full_check=True)
+    check_io(proto, num_states)
+    recurrent = [n.op_type for n in proto.graph.node if n.op_type in ("RNN", "LSTM", "GRU")]
+    if recurrent != [cell.upper()]:
+        raise ParityError(f"exported graph has recurrent ops {recurrent}, expected one native {cell.upper()}")
+
+
+def check_io(proto, num_states: int) -> None:
+    """Names, symbolic B and T, metadata: what every runtime relies on, whatever the graph inside."""
     inputs, outputs = io_names(num_states)
     got = [i.name for i in proto.graph.input], [o.name for o in proto.graph.output]
     if got != (inputs, outputs):
@@ -138,16 +171,14 @@ def check_graph(proto, num_states: int, cell: str) -> None:
         frozen = [i for i in symbolic if not dims[i].dim_param or dims[i].HasField("dim_value")]
         if frozen:
             raise ParityError(f"exported graph froze dims {frozen} of {value.name!r}; B and T must be symbolic")
-    recurrent = [n.op_type for n in proto.graph.node if n.op_type in ("RNN", "LSTM", "GRU")]
-    if recurrent != [cell.upper()]:
-        raise ParityError(f"exported graph has recurrent ops {recurrent}, expected one native {cell.upper()}")
     if not {p.key for p in proto.metadata_props} >= set(META_KEYS):
         raise ParityError("exported graph lacks metadata keys")
 
 
 def export_onnx(ckpt_dir: Path, out_dir: Path | None = None, precision: str = "fp32", *, opset: int = OPSET,
                 force: bool = False, parity: ParitySpec | None = None, file: str = FILE,
-                manifest_dir: Path | None = None, engine: str = "onnx") -> Path:
+                manifest_dir: Path | None = None, engine: str = "onnx", data: Path | None = None,
+                judge: bool = True) -> Path:
     """Export, check parity against eager PyTorch, and only then mark the export done. Returns the .onnx path.
 
     Skips the work when the manifest says this checkpoint was already exported with these options
@@ -155,13 +186,16 @@ def export_onnx(ckpt_dir: Path, out_dir: Path | None = None, precision: str = "f
     Errors in the checkpoint are train.checkpoint.CheckpointError.
     """
     return export_onnx_result(ckpt_dir, out_dir, precision, opset=opset, force=force, parity=parity,
-                              file=file, manifest_dir=manifest_dir, engine=engine)["path"]
+                              file=file, manifest_dir=manifest_dir, engine=engine, data=data, judge=judge)["path"]
 
 
 def export_onnx_result(ckpt_dir: Path, out_dir: Path | None = None, precision: str = "fp32", *,
                        opset: int = OPSET, force: bool = False, parity: ParitySpec | None = None,
-                       file: str = FILE, manifest_dir: Path | None = None, engine: str = "onnx") -> dict:
-    """export_onnx with the details the CLI reports: path, skipped, seconds, parity."""
+                       file: str = FILE, manifest_dir: Path | None = None, engine: str = "onnx",
+                       data: Path | None = None, judge: bool = True) -> dict:
+    """export_onnx with the details the CLI reports: path, skipped, seconds, parity (int8: quality, judged on
+    held-out text of the training corpus, `data` or the one the checkpoint names; `judge=False` skips that for
+    random-weight models, which have no corpus: the manifest says so)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
     ckpt = load_checkpoint(ckpt_dir)
@@ -170,7 +204,11 @@ def export_onnx_result(ckpt_dir: Path, out_dir: Path | None = None, precision: s
     path = out_dir / file
     source = manifest.source_of(ckpt)
     options = {"precision": precision, "opset": opset, "exporter": "torch.onnx.export(dynamo=False)",
-               "fold_embedding": folds(ckpt.model.cfg)}
+               "fold_embedding": folds(ckpt.model.cfg), **({} if judge else {"judged": False})}
+    if precision == "int8":
+        from export.int8 import QUANTIZATION, decode_form
+
+        options.update(quantization=QUANTIZATION, decode=decode_form(ckpt.model.cfg.cell))
     if not force and manifest.is_up_to_date(manifest_dir, engine, source, options):
         log.info("%s: %s is up to date (use --force to rebuild)", ckpt.model_id, path)
         return {"path": path, "skipped": True, "manifest": manifest.read_manifest(manifest_dir)}
@@ -181,11 +219,19 @@ def export_onnx_result(ckpt_dir: Path, out_dir: Path | None = None, precision: s
     try:
         build_onnx(ckpt, candidate, precision, opset, source["checkpoint_sha256"])
         export_s = time.perf_counter() - t0
-        report = manifest.publish_if_parity(ckpt, candidate, path, OrtRuntime(candidate, threads=1),
-                                            parity or ParitySpec.for_precision(precision))
+        runtime = OrtRuntime(candidate, threads=1)
+        if precision == "int8" and not judge:
+            manifest.publish(candidate)
+            os.replace(candidate, path)
+            check = {"quality": {"passed": None, "judged": False, "why": "not judged (random weights, no corpus)"}}
+        elif precision == "int8":
+            check = {"quality": manifest.publish_if_quality(ckpt, candidate, path, runtime, data)}
+        else:
+            check = {"parity": manifest.publish_if_parity(ckpt, candidate, path, runtime,
+                                                          parity or ParitySpec.for_precision(precision))}
     finally:
         candidate.unlink(missing_ok=True)
     entry = {"file": os.path.relpath(path, manifest_dir), "precision": precision, "options": options,
-             "versions": manifest.tool_versions(), "export_seconds": round(export_s, 3), "parity": report}
+             "versions": manifest.tool_versions(), "export_seconds": round(export_s, 3), **check}
     written = manifest.record_export(manifest_dir, ckpt, source, engine, entry)
     return {"path": path, "skipped": False, "manifest": written, "seconds": time.perf_counter() - t0}

@@ -5,23 +5,25 @@ Written against NVIDIA's Python API (tensor API only: `num_io_tensors`, `set_inp
 machines without it; every entry point first calls `require_tensorrt`, whose TensorRTUnavailable
 message is one sentence the CLI prints before exiting with code 2.
 
-Precision. fp32 engines are built with TF32 off (BuilderFlag.TF32 cleared), else Ampere+ GPUs would
-round matmul inputs to 10 mantissa bits and miss the 1e-5 parity. fp16 engines are always built from
-the fp16 ONNX (fp16 weights, float32 I/O). TensorRT 10 still has weakly typed networks: there the
-builder flag FP16 lets it pick fp16 kernels. TensorRT 11 removed that flag and every network is
-strongly typed, so the fp16 types in the ONNX graph are the precision. We branch on whether the
-installed version has BuilderFlag.FP16.
+Precision. Networks are built strongly typed on TensorRT 10 and 11 alike (weak typing is deprecated from
+10.12 and gone in 11): the types in the ONNX graph are the precision, so an fp16 engine is built from the
+fp16 ONNX (fp16 weights and math, float32 I/O) and no FP16 builder flag is set. fp32 engines are built
+with TF32 off (BuilderFlag.TF32 cleared), else Ampere+ GPUs would round matmul inputs to 10 mantissa bits
+and miss the 1e-5 parity.
 
-Profiles. Profile 0 is the decode step (T = 1, B from min to max); profile 1 covers prefill and
-chunks (T from 1 to max_prefill). The runtime keeps one execution context per profile and picks by T.
+Profiles (export.runtime.Profiles). Profile 0 is the decode step (T = 1, B from min to max); profile 1
+covers prefill and chunks (T from 1 to max_prefill). The runtime keeps one execution context per profile
+and picks by T. The parity check runs at shapes inside the profiles.
+
 Engines are tied to the TensorRT version and GPU they were built with, unless built version- and/or
-hardware-compatible; the manifest records version, GPU, compute capability, profiles and build time.
+hardware-compatible; the manifest records version, GPU, compute capability, profiles and build time. The
+timing cache is reused across builds when TensorRT accepts it (same version and GPU), else started afresh.
 """
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,7 @@ import numpy as np
 from export import manifest
 from export.onnx import default_out_dir, export_onnx_result
 from export.parity import ParitySpec
-from export.runtime import Runtime, read_onnx_metadata
+from export.runtime import Profiles, Runtime, read_onnx_metadata
 from train.checkpoint import atomic_write, load_checkpoint, sha256_file
 from train.vocab import Vocab
 
@@ -69,9 +71,11 @@ def require_tensorrt():
 @dataclass(frozen=True)
 class TrtOptions:
     min_batch: int = field(default=1, metadata={"help": "smallest batch the engine accepts"})
-    opt_batch: int = field(default=8, metadata={"help": "the batch TensorRT tunes its kernels for"})
+    opt_batch: int = field(default=0, metadata={
+        "help": "the batch TensorRT tunes its kernels for (default: min(8, --max-batch))"})
     max_batch: int = field(default=64, metadata={"help": "largest batch the engine accepts"})
-    opt_prefill: int = field(default=64, metadata={"help": "prompt length the prefill profile is tuned for"})
+    opt_prefill: int = field(default=0, metadata={
+        "help": "prompt length the prefill profile is tuned for (default: min(64, --max-prefill))"})
     max_prefill: int = field(default=512, metadata={
         "help": "longest chunk of tokens one call may run (longer prompts are fed in pieces)"})
     workspace_mb: int = field(default=1024, metadata={"help": "builder workspace limit, MiB"})
@@ -83,22 +87,37 @@ class TrtOptions:
         "help": "timing cache file reused across builds (default: OUT/.trt-timing.cache)"})
 
     def __post_init__(self):
-        if not 1 <= self.min_batch <= self.opt_batch <= self.max_batch:
-            raise ValueError("need 1 <= min_batch <= opt_batch <= max_batch")
-        if not 1 <= self.opt_prefill <= self.max_prefill:
-            raise ValueError("need 1 <= opt_prefill <= max_prefill")
+        resolved = Profiles(self.min_batch, self.opt_batch, self.max_batch, self.opt_prefill, self.max_prefill)
+        object.__setattr__(self, "opt_batch", resolved.opt_batch)  # 0 means derived: record what is built
+        object.__setattr__(self, "opt_prefill", resolved.opt_prefill)
         if self.hardware_compatible not in HARDWARE_LEVELS:
             raise ValueError(f"hardware_compatible must be one of {', '.join(HARDWARE_LEVELS)}")
 
+    @property
+    def limits(self) -> Profiles:
+        return Profiles(self.min_batch, self.opt_batch, self.max_batch, self.opt_prefill, self.max_prefill)
+
     def profiles(self, hidden_size: int, num_states: int) -> list[dict]:
         """[{input name: (min, opt, max) shapes}] for the step profile and the prefill profile."""
-        def shapes(t_min, t_opt, t_max):
-            b = (self.min_batch, self.opt_batch, self.max_batch)
-            prof = {"tokens": tuple((bb, t) for bb, t in zip(b, (t_min, t_opt, t_max)))}
-            for name in ("h_in", "c_in")[:num_states]:
-                prof[name] = tuple((bb, hidden_size) for bb in b)
-            return prof
-        return [shapes(1, 1, 1), shapes(1, self.opt_prefill, self.max_prefill)]
+        return self.limits.shapes(hidden_size, num_states)
+
+    def parity_spec(self, spec: ParitySpec) -> ParitySpec:
+        """`spec` with its batch sizes and prefill lengths moved inside the engine's profiles."""
+        batches, prefills = self.limits.clamp(spec.batches, spec.prefills)
+        if (batches, prefills) != (spec.batches, spec.prefills):
+            log.info("parity at batches %s and prefills %s, inside the engine's profiles", batches, prefills)
+        return replace(spec, batches=batches, prefills=prefills)
+
+
+def hardware_level(trt, opts: TrtOptions):
+    """The HardwareCompatibilityLevel asked for, or TensorRTUnavailable when this TensorRT lacks it."""
+    name = HARDWARE_LEVELS[opts.hardware_compatible]
+    level = getattr(trt.HardwareCompatibilityLevel, name, None)
+    if level is None:
+        raise TensorRTUnavailable(
+            f"TensorRT {trt.__version__} has no HardwareCompatibilityLevel.{name} (--hardware-compatible "
+            f"{opts.hardware_compatible} needs a later TensorRT 10.x or 11); upgrade TensorRT or choose another level")
+    return level
 
 
 def gpu_info() -> dict:
@@ -114,8 +133,9 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, opts: TrtOp
     trt = require_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    weak_fp16 = precision == "fp16" and hasattr(trt.BuilderFlag, "FP16")  # TensorRT 10
-    network = builder.create_network(0)  # explicit batch in 10.x; strongly typed by default in 11.x
+    # TensorRT 10: strongly typed on request; TensorRT 11: always (the flag is deprecated and ignored there)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(parser.get_error(i).desc() for i in range(parser.num_errors))
@@ -125,21 +145,17 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, opts: TrtOp
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, opts.workspace_mb << 20)
     if hasattr(trt.BuilderFlag, "TF32"):
         config.clear_flag(trt.BuilderFlag.TF32)  # full fp32 matmuls: TF32 breaks 1e-5 parity
-    if weak_fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
     if opts.version_compatible:
         config.set_flag(trt.BuilderFlag.VERSION_COMPATIBLE)
     if opts.hardware_compatible != "none":
-        config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel,
-                                                      HARDWARE_LEVELS[opts.hardware_compatible])
+        config.hardware_compatibility_level = hardware_level(trt, opts)
     profiles = opts.profiles(hidden_size, num_states)
     for prof in profiles:
         p = builder.create_optimization_profile()
         for name, (lo, opt, hi) in prof.items():
             p.set_shape(name, lo, opt, hi)
         config.add_optimization_profile(p)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)  # a cache from another GPU/version is not reused
+    cache, cache_note = attach_timing_cache(config, timing_cache)
 
     t0 = time.perf_counter()
     plan = builder.build_serialized_network(network, config)
@@ -147,14 +163,30 @@ def build_engine(onnx_path: Path, engine_path: Path, precision: str, opts: TrtOp
         raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")
     build_s = time.perf_counter() - t0
     atomic_write(engine_path, bytes(plan))
-    atomic_write(timing_cache, bytes(config.get_timing_cache().serialize()))
+    atomic_write(timing_cache, bytes(cache.serialize()))  # the builder added this build's timings to it
     return {
         "tensorrt": trt.__version__, **gpu_info(), "build_seconds": round(build_s, 3),
         "profiles": [{k: [list(s) for s in v] for k, v in p.items()} for p in profiles],
-        "fp16_mode": ("fp16 ONNX + BuilderFlag.FP16 (weakly typed, TensorRT 10)" if weak_fp16 else
-                      "fp16 ONNX, strongly typed" if precision == "fp16" else "fp32, TF32 off"),
-        "timing_cache": str(timing_cache),
+        "network": "strongly typed: " + ("fp16 ONNX" if precision == "fp16" else "fp32 ONNX, TF32 off"),
+        "timing_cache": str(timing_cache), "timing_cache_reused": cache_note,
     }
+
+
+def attach_timing_cache(config, path: Path):
+    """Attach the cache in `path` to the builder config, or an empty one when there is none or TensorRT refuses
+    it (set_timing_cache returns False for a cache of another TensorRT version or GPU). Returns (cache, reused)."""
+    if path.is_file():
+        try:
+            cache = config.create_timing_cache(path.read_bytes())
+        except Exception:  # noqa: BLE001 -- a damaged file is as good as none
+            cache = None
+        if cache is not None and config.set_timing_cache(cache, ignore_mismatch=False):
+            return cache, True
+        log.info("%s is from another TensorRT version or GPU; starting an empty timing cache", path)
+    cache = config.create_timing_cache(b"")  # an empty buffer makes a new, empty cache
+    if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
+        raise EngineBuildError("TensorRT refused an empty timing cache")
+    return cache, False
 
 
 class TensorRTRuntime(Runtime):
@@ -259,6 +291,8 @@ def export_trt(ckpt_dir: Path, out_dir: Path | None = None, precision: str = "fp
                opts: TrtOptions = TrtOptions(), force: bool = False, parity: ParitySpec | None = None) -> dict:
     """ONNX export (or reuse), engine build, parity on the GPU, manifest entry `trt`. Needs TensorRT and a GPU."""
     trt = require_tensorrt()
+    if opts.hardware_compatible != "none":
+        hardware_level(trt, opts)  # before any work
     ckpt = load_checkpoint(ckpt_dir)
     out_dir = Path(out_dir) if out_dir is not None else default_out_dir(ckpt_dir, precision)
     onnx = export_onnx_result(ckpt_dir, out_dir, precision, force=force)
@@ -277,8 +311,8 @@ def export_trt(ckpt_dir: Path, out_dir: Path | None = None, precision: str = "fp
         info = build_engine(onnx_path, candidate, precision, opts, cache, ckpt.model.cfg.hidden_size,
                             ckpt.model.cfg.num_states)
         runtime = TensorRTRuntime(candidate, onnx_path, allow_host_code=opts.version_compatible)
-        report = manifest.publish_if_parity(ckpt, candidate, path, runtime,
-                                            parity or ParitySpec.for_precision(precision))
+        spec = opts.parity_spec(parity or ParitySpec.for_precision(precision))
+        report = manifest.publish_if_parity(ckpt, candidate, path, runtime, spec)
     finally:
         candidate.unlink(missing_ok=True)
     entry = {"file": FILE, "onnx": onnx_path.name, "precision": precision, "options": options, **info,

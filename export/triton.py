@@ -11,6 +11,10 @@ sequence's first request, so the model needs no START control input: control inp
 Triton's onnxruntime backend, and one declared here would have to be a real input of the ONNX graph.
 With max_batch_size > 0 Triton adds the batch dimension to every dims below, which is why the step
 model's state is batch-first, [B, H].
+
+The sequence batcher's default strategy is `oldest`: it batches the requests that are ready, whatever
+their length. `direct` gives each sequence a slot and fills idle slots with copies of the first request,
+padded to the longest one, so a 500-token prompt would make every decode row of its batch 500 tokens.
 """
 from __future__ import annotations
 
@@ -30,9 +34,10 @@ STRATEGIES = ("direct", "oldest")
 @dataclass(frozen=True)
 class TritonOptions:
     max_batch_size: int = field(default=64, metadata={"help": "Triton max_batch_size: sequences batched per run"})
-    strategy: str = field(default="direct", metadata={
-        "help": "sequence batching strategy: direct (a batch slot per live sequence) or oldest (dynamic "
-                "batches of the oldest waiting sequences)", "choices": STRATEGIES})
+    strategy: str = field(default="oldest", metadata={
+        "help": "sequence batching strategy: oldest (dynamic batches of the oldest waiting sequences), or direct "
+                "(a batch slot per live sequence; Triton pads every slot to the longest ready request, so one "
+                "long prompt makes each decode row in that batch as long)", "choices": STRATEGIES})
     max_sequence_idle_us: int = field(default=60_000_000, metadata={
         "help": "idle time after which Triton ends a sequence and frees its state (Triton's default, 1 s, "
                 "would drop a user who pauses)"})
@@ -97,13 +102,13 @@ sequence_batching {{
 
 
 def export_triton(ckpt_dir: Path, repo: Path = Path("exports/triton"), precision: str = "fp32",
-                  opts: TritonOptions = TritonOptions(), force: bool = False) -> dict:
+                  opts: TritonOptions = TritonOptions(), force: bool = False, data: Path | None = None) -> dict:
     """Write (or refresh) one model of the repository; the ONNX file is parity-checked like any export."""
     ckpt = load_checkpoint(ckpt_dir)
     name = manifest.export_name(ckpt.model_id, precision)
     model_dir = Path(repo) / name
     result = export_onnx_result(ckpt_dir, model_dir / "1", precision, force=force, manifest_dir=model_dir,
-                                engine="triton")
+                                engine="triton", data=data)
     cfg = ckpt.model.cfg
     config = config_pbtxt(name, cfg.cell, cfg.hidden_size, cfg.vocab_size, opts)
     path = model_dir / "config.pbtxt"

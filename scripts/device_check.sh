@@ -11,7 +11,8 @@
 # There: the device tool's run, carry [".whl"], timeout_s 600, command `bash scripts/device_check.sh`.
 #
 # Each step has its own time limit; logs and reports go to $OUT (at most 8 files come back):
-#   tests       the tests that need a GPU (CUDA graphs against eager PyTorch; TensorRT's skip with the reason)
+#   gpu-check   scripts/gpu_check.sh with QUICK=1: parity and timings of every runtime this machine has, the
+#               GPU tests, AMP training (TensorRT and onnxruntime-gpu rows skip with the reason)
 #   bench-gpu   python -m serve.bench --quick, step mode: eager CUDA and CUDA graphs against eager (GPU targets)
 #   bench-grpc  the server's targets with the server on SERVER_CPUS (0,1) and the load generator on
 #               CLIENT_CPUS (2-5): 64 streams against 1, one stream against the in-process loop
@@ -40,13 +41,12 @@ step() {  # step NAME SECONDS COMMAND...: its output to $OUT/NAME.log, the end o
   echo "== $name: $*"
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
-  tail -n 30 "$OUT/$name.log"
+  tail -n 60 "$OUT/$name.log"
   echo "== $name: exit $rc"
   [ "$rc" -eq 0 ] || status=1
 }
 
-step tests 150 python3 -m pytest -q -rs tests/test_bench.py::test_cuda_graph_steps_match_eager_pytorch \
-  tests/test_export_tensorrt.py
+step gpu-check 190 env QUICK=1 bash scripts/gpu_check.sh
 step bench-gpu 200 python3 -m serve.bench --quick --backends torch,torch-cuda,torch-cudagraph,ort-cpu \
   --modes step,limit --out "$WORK/bench-gpu"
 step bench-grpc 200 python3 -m serve.bench --cells lstm --hidden-sizes 128,256 --backends ort-cpu --modes grpc \

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from export.runtime import OrtRuntime, Runtime, TorchRuntime
+from export.runtime import GPU_PROVIDERS, OrtRuntime, ProviderUnavailable, Runtime, TorchRuntime
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +21,9 @@ log = logging.getLogger(__name__)
 MODEL_FILES = {"torch": "config.json", "onnxruntime": "model.onnx", "tensorrt": "model.engine"}
 ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
                  "tensorrt": "TensorrtExecutionProvider"}
-# The default: CUDA when present, else CPU. TensorRT's provider is opt-in: it builds an engine per new
-# input shape, and a scheduler's (B, T) changes from step to step.
+# The default: CUDA when present, else CPU. TensorRT's provider is opt-in: it builds its engine when a session
+# starts (OrtRuntime gives it explicit decode and prefill profiles, export.runtime.SERVER_PROFILES, so that
+# the scheduler's changing (B, T) does not rebuild it) and that takes seconds to minutes per model.
 _DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
@@ -80,11 +81,16 @@ def open_runtime(path: Path, backend: str, providers: list[str] | None = None, t
         if backend == "torch":
             return TorchRuntime(path.parent)
         if backend == "onnxruntime":
-            return OrtRuntime(path, providers, threads)
+            # a GPU provider asked for (or chosen as the default) must be the one that runs: onnxruntime lists
+            # CUDA and TensorRT whenever its GPU build is installed, and falls back to the CPU when they do not load
+            strict = bool(providers) and providers[0] in GPU_PROVIDERS
+            return OrtRuntime(path, providers, threads, strict=strict)
         if backend == "tensorrt":
             return _tensorrt_runtime_class()(path)
     except BackendError:
         raise
+    except ProviderUnavailable as e:
+        raise BackendError(f"{e}; pass --providers CPU to run on the CPU") from None
     except Exception as e:  # corrupt or foreign files fail in many library-specific ways; name the file
         raise BackendError(f"{path}: {e}") from None
     raise BackendError(f"unknown backend {backend!r}; expected one of {', '.join(MODEL_FILES)}")

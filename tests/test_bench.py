@@ -142,6 +142,22 @@ def test_targets_are_judged_on_this_runs_records():
     assert gpu["passed"] is None and "TensorRT is not installed" in gpu["note"]
 
 
+def test_int8_targets_compare_with_fp32_and_its_limit():
+    fp32_1, fp32_64 = rec("ort-cpu", p50=150.0), rec("ort-cpu", p50=20.0, batch=64)
+    int8_1, int8_64 = rec("ort-cpu-int8", p50=60.0), rec("ort-cpu-int8", p50=18.0, batch=64)
+    for r in (int8_1, int8_64):
+        r["precision"] = "int8"
+    limit = rec("machine", "limit", p50=80.0)
+    limit["limit_us"] = 80.0
+    targets = {t["target"]: t for t in report.evaluate_targets([fp32_1, fp32_64, int8_1, int8_64, limit], [])}
+    assert targets["int8_1.5x"]["measured"] == 2.5 and targets["int8_1.5x"]["passed"]
+    assert targets["int8_64_1.3x"]["measured"] == pytest.approx(20 / 18) and targets["int8_64_1.3x"]["passed"] is False
+    assert targets["int8_under_fp32_limit"]["measured"] == 0.75 and targets["int8_under_fp32_limit"]["passed"]
+    assert targets["int8_1.5x"]["backend"] == "ort-cpu-int8"  # its label names the precision once
+    assert report.evaluate_targets([fp32_1], []) and all(
+        t["passed"] is None for t in report.evaluate_targets([fp32_1], []) if t["target"].startswith("int8"))
+
+
 def test_summary_divides_calls_into_characters():
     s = summary_us(np.array([1e-3, 2e-3, 3e-3]), per=10)
     assert s["p50"] == pytest.approx(200.0) and s["mean"] == pytest.approx(200.0)
@@ -344,6 +360,14 @@ def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run)
         servers = [r["details"]["server_cpu_s"] for r in grpc]
         assert all(s["front"] >= 0 and s["workers"] >= 0 for s in servers)
         assert sum(s["workers"] for s in servers) > 0  # the model steps in the worker processes
+    # int8: its own backend, timed at int8 whatever --precisions, with a limit at one byte per weight
+    int8 = [r for r in rep["records"] if r["backend"] == "ort-cpu-int8" and r["mode"] == "step"]
+    assert {r["batch"] for r in int8} == {1, 8} and all(r["precision"] == "int8" for r in int8)
+    limits = {(r["model"], r["precision"], r["batch"]): r for r in rep["records"] if r["mode"] == "limit"}
+    for r in int8:
+        lim32, lim8 = limits[(r["model"], "fp32", r["batch"])], limits[(r["model"], "int8", r["batch"])]
+        assert lim8["details"]["weight_bytes"] * 4 == lim32["details"]["weight_bytes"]
+    assert "ort-cpu-int8 |" in (quick_run[0] / "latency.md").read_text()
     measured = {r["backend"] for r in rep["records"]}
     for name in BACKENDS:  # every backend is either measured or listed with its reason
         assert name in measured or any(s["backend"] == name and s["reason"] for s in rep["skipped"]), name
@@ -360,7 +384,8 @@ def test_quick_run_kept_the_server_and_the_load_generator_on_their_cpus(quick_ru
     one_stream = [t for t in rep["targets"] if t["target"] == "grpc_one_stream_2x"]
     assert one_stream and all(t["measured"] > 0 for t in one_stream)  # judged on this run's loop and grpc records
     loops = [r for r in rep["records"] if r["mode"] == "loop"]
-    assert {(r["backend"], r["batch"]) for r in loops} == {(b, c) for b in ("torch", "ort-cpu") for c in (1, 8)}
+    assert {(r["backend"], r["batch"]) for r in loops} == {(b, c) for b in ("torch", "ort-cpu", "ort-cpu-int8")
+                                                           for c in (1, 8)}
     assert all(r["samples"] == 8 for r in loops)
 
 

@@ -60,11 +60,14 @@ def test_export_passes_the_contract_parity_check(exported, cell):
     assert all(c["calls"] == 202 for c in report["cases"])
 
 
+@pytest.mark.parametrize("bind", [False, True], ids=["numpy-state", "iobinding"])
 @pytest.mark.parametrize("cell", CELLS + FOLDED)
-def test_onnx_runtime_matches_eager_torch_through_the_step_protocol(exported, cell):
-    """Independently of the built-in check: carried state, mixed batches via take/concat, a greedy decode."""
+def test_onnx_runtime_matches_eager_torch_through_the_step_protocol(exported, cell, bind):
+    """Independently of the built-in check: carried state, mixed batches via take/concat, a greedy decode.
+    iobinding: the state as OrtValues between steps, as on CUDA (here on the CPU device)."""
     ckpt, path = exported[cell]
-    ref, ort = TorchRuntime(ckpt), OrtRuntime(path)
+    ref, ort = TorchRuntime(ckpt), OrtRuntime(path, bind=bind)
+    assert isinstance(ort.new_state(2)[0], np.ndarray) != bind
     rng = np.random.default_rng(1)
     for B, T in [(1, 1), (3, 17), (8, 64), (5, 2)]:
         tokens = rng.integers(0, len(ref.vocab), (B, T))
@@ -167,6 +170,21 @@ def test_graph_has_symbolic_batch_and_time_and_native_recurrent_op(exported, cel
     ort = OrtRuntime(path)  # shapes never seen at export time
     logits, state = ort.step(np.zeros((11, 97), np.int64), ort.new_state(11))
     assert logits.shape == (11, 35) and logits.dtype == np.float32 and state[0].shape == (11, 32)
+
+
+@pytest.mark.parametrize("cell", CELLS + FOLDED)
+def test_the_head_runs_on_the_last_position_only(exported, cell):
+    """Slice the last position before the head: one Gemm per head layer on (B, H), no MatMul over (B, T, H)."""
+    ckpt, path = exported[cell]
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count("Gemm") == 2 and "MatMul" not in ops and "If" not in ops  # fc_layers = 2
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in model.graph.value_info}
+    assert all(ranks[n.input[0]] == 2 for n in model.graph.node if n.op_type == "Gemm")
+    tokens = np.random.default_rng(0).integers(0, 35, (2, 300))  # a long prefill: still its last position
+    ref, rt = TorchRuntime(ckpt), OrtRuntime(path)
+    np.testing.assert_allclose(rt.step(tokens, rt.new_state(2))[0], ref.step(tokens, ref.new_state(2))[0],
+                               atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -30,7 +30,8 @@ def test_config_parses_against_triton_schema(tmp_path, cell):
     assert [(i.name, i.data_type, list(i.dims)) for i in cfg.input] == [("tokens", pb.TYPE_INT64, [-1])]
     assert [(o.name, o.data_type, list(o.dims)) for o in cfg.output] == [("logits", pb.TYPE_FP32, [35])]
     seq = cfg.sequence_batching
-    assert seq.WhichOneof("strategy_choice") == "direct"
+    assert seq.WhichOneof("strategy_choice") == "oldest"  # direct pads every slot to the longest request
+    assert seq.oldest.max_candidate_sequences == 256 and seq.oldest.max_queue_delay_microseconds == 0
     assert seq.max_sequence_idle_microseconds == 60_000_000  # well above Triton's 1 s default
     assert len(seq.control_input) == 0  # zero initial state needs no START input (one would have to be a model input)
     pairs = [("h_in", "h_out"), ("c_in", "c_out")][: 2 if cell == "lstm" else 1]
@@ -47,10 +48,10 @@ def test_config_parses_against_triton_schema(tmp_path, cell):
 
     entry = manifest.read_manifest(model_dir)["exports"]["triton"]
     assert entry["file"] == "1/model.onnx" and entry["parity"]["passed"] and entry["config"] == "config.pbtxt"
-    assert entry["triton"]["strategy"] == "direct"
+    assert entry["triton"]["strategy"] == "oldest"
 
 
-def test_oldest_strategy_and_options_and_fp16(tmp_path):
+def test_oldest_strategy_options_direct_and_fp16(tmp_path):
     ckpt = make_checkpoint(tmp_path / "runs", cell="rnn", hidden=32)
     opts = TritonOptions(max_batch_size=16, strategy="oldest", max_sequence_idle_us=5_000_000,
                          max_candidate_sequences=100, max_queue_delay_us=200)
@@ -64,6 +65,9 @@ def test_oldest_strategy_and_options_and_fp16(tmp_path):
     assert seq.max_sequence_idle_microseconds == 5_000_000
     assert read_onnx_metadata(model_dir / "1" / "model.onnx")["precision"] == "fp16"
     assert [o.data_type for o in cfg.output] == [pb.TYPE_FP32]  # fp16 inside, float32 at the edges
+    export_triton(ckpt, tmp_path / "repo", precision="fp16", opts=TritonOptions(strategy="direct"))
+    seq = parse(model_dir / "config.pbtxt").sequence_batching  # still there for those who want a slot each
+    assert seq.WhichOneof("strategy_choice") == "direct" and seq.direct.max_queue_delay_microseconds == 0
 
 
 def test_cli_writes_a_repository_and_keeps_config_in_step_with_options(tmp_path):

@@ -6,8 +6,9 @@
 | `torch-cuda`      | the same on the GPU (the baseline of the GPU backends)                 | cuda   |
 | `torch-cudagraph` | CudaGraphRuntime below: one captured CUDA graph per batch size          | cuda   |
 | `ort-cpu`         | onnxruntime, CPUExecutionProvider, on the exported step model           | cpu    |
+| `ort-cpu-int8`    | the same on the int8 export (`python -m export --precision int8`)     | cpu    |
 | `ort-cuda`        | onnxruntime, CUDAExecutionProvider                                    | cuda   |
-| `ort-trt`         | onnxruntime, TensorrtExecutionProvider (explicit shape profile, engine cache) | cuda |
+| `ort-trt`         | onnxruntime, TensorrtExecutionProvider (explicit decode/prefill profiles, engine cache) | cuda |
 | `tensorrt`        | a native TensorRT engine (export.tensorrt.TensorRTRuntime)             | cuda   |
 
 A backend that cannot run here is not an error: `unavailable` says why in one sentence, and the report
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.runtime import OrtRuntime, Runtime, TorchRuntime
+from export.runtime import OrtRuntime, Profiles, ProviderUnavailable, Runtime, TorchRuntime, ort_trt_options
 from serve.bench.models import BenchModel
 from train.checkpoint import load_checkpoint
 
@@ -45,6 +46,8 @@ BACKENDS = {b.name: b for b in (
     Backend("torch-cuda", "cuda", "eager PyTorch, CUDA", None, ("fp32",)),
     Backend("torch-cudagraph", "cuda", "PyTorch + CUDA graphs", None, ("fp32",)),
     Backend("ort-cpu", "cpu", "onnxruntime CPU", ("onnxruntime", "cpu"), provider="CPUExecutionProvider"),
+    Backend("ort-cpu-int8", "cpu", "onnxruntime CPU, int8 weights", ("onnxruntime", "cpu"), ("int8",),
+            provider="CPUExecutionProvider"),
     Backend("ort-cuda", "cuda", "onnxruntime CUDA", ("onnxruntime", "cuda"), provider="CUDAExecutionProvider"),
     Backend("ort-trt", "cuda", "onnxruntime TensorRT", ("onnxruntime", "tensorrt"),
             provider="TensorrtExecutionProvider"),
@@ -102,9 +105,12 @@ class Exports:
 
         key = ("onnx", model.model_id, precision)
         if key not in self._done:
-            spec = ParitySpec.for_precision(precision, **(self.parity or {}))
-            self._done[key] = export_onnx(model.path, self.root / "onnx" / precision / model.model_id, precision,
-                                          parity=spec)
+            out = self.root / "onnx" / precision / model.model_id
+            if precision == "int8":  # judged by held-out loss when trained; random weights have no corpus
+                self._done[key] = export_onnx(model.path, out, precision, judge=model.weights != "random")
+            else:
+                spec = ParitySpec.for_precision(precision, **(self.parity or {}))
+                self._done[key] = export_onnx(model.path, out, precision, parity=spec)
         return self._done[key]
 
     def engine(self, model: BenchModel, precision: str) -> Path:
@@ -114,31 +120,29 @@ class Exports:
         key = ("trt", model.model_id, precision)
         if key not in self._done:
             spec = ParitySpec.for_precision(precision, **(self.parity or {}))
-            top = max(self.max_batch, *spec.batches)  # the engine must also take the parity check's batches
-            opts = TrtOptions(min_batch=1, opt_batch=min(8, top), max_batch=top)
+            p = bench_profiles(max(self.max_batch, *spec.batches))  # the parity check's batches too
+            opts = TrtOptions(min_batch=p.min_batch, opt_batch=p.opt_batch, max_batch=p.max_batch)
             out = self.root / "trt" / precision / model.model_id
             self._done[key] = export_trt(model.path, out, precision, opts, parity=spec)["path"]
         return self._done[key]
 
 
-def _shape_profile(model: BenchModel, batch: int) -> str:
-    """onnxruntime's TensorRT profile syntax: 'tokens:Bx1,h_in:BxH[,c_in:BxH]' (decode steps, T = 1)."""
-    names = ["h_in", "c_in"][: 2 if model.cell == "lstm" else 1]
-    return ",".join([f"tokens:{batch}x1"] + [f"{n}:{batch}x{model.hidden_size}" for n in names])
+def bench_profiles(max_batch: int) -> Profiles:
+    """The profiles the TensorRT backends are built with here: tuned for batch 64, the middle of the batches
+    step mode times (8, 64, 256), and taking every batch up to the largest; prefill as the exporter's default."""
+    return Profiles(max_batch=max_batch, opt_batch=min(64, max_batch))
 
 
 def ort_providers(name: str, model: BenchModel, precision: str, cache: Path, max_batch: int = 256) -> list:
     b = BACKENDS[name]
-    if name == "ort-cpu":
+    if b.device == "cpu":
         return [b.provider]
     cuda = ("CUDAExecutionProvider", {"device_id": "0"})
     if name == "ort-cuda":
         return [cuda, "CPUExecutionProvider"]
-    # Without an explicit profile the TensorRT provider rebuilds its engine whenever a new shape arrives.
-    trt = {"device_id": "0", "trt_fp16_enable": str(precision == "fp16"), "trt_engine_cache_enable": "True",
-           "trt_engine_cache_path": str(cache), "trt_profile_min_shapes": _shape_profile(model, 1),
-           "trt_profile_opt_shapes": _shape_profile(model, 1),
-           "trt_profile_max_shapes": _shape_profile(model, max_batch)}
+    # explicit decode and prefill profiles: without them the provider rebuilds its engine when a new shape comes
+    num_states = 2 if model.cell == "lstm" else 1
+    trt = ort_trt_options(model.hidden_size, num_states, bench_profiles(max_batch), cache)
     return [(b.provider, trt), cuda, "CPUExecutionProvider"]
 
 
@@ -160,11 +164,10 @@ def open_runtime(name: str, model: BenchModel, precision: str, exports: Exports,
     cache = exports.root / "ort-trt-cache"
     cache.mkdir(parents=True, exist_ok=True)
     providers = ort_providers(name, model, precision, cache, exports.max_batch)
-    rt = OrtRuntime(path, providers, threads)
-    wanted = BACKENDS[name].provider
-    if rt.providers[0] != wanted:  # onnxruntime falls back to CPU quietly when a GPU provider fails to load
-        raise BackendUnavailable(f"onnxruntime did not load {wanted} (session providers: {', '.join(rt.providers)})")
-    return rt
+    try:  # strict: onnxruntime falls back to the CPU quietly when a GPU provider fails to load
+        return OrtRuntime(path, providers, threads, strict=True)
+    except ProviderUnavailable as e:
+        raise BackendUnavailable(str(e)) from None
 
 
 class CudaGraphRuntime(Runtime):

@@ -103,6 +103,11 @@ def limit_us(weight_bytes: float, flops: float, bytes_per_s: float, flops_per_s:
             "bound": "memory" if memory >= compute else "compute"}
 
 
+# bytes per weight a step reads at each precision: int8's limit is int8 bytes / bandwidth (its matmul rate is
+# taken as fp32's, which only matters where compute, not memory, bounds the step)
+WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
 def add_limits(records: list[dict], models: list[BenchModel], limits: dict) -> list[dict]:
     """limit_us and x_limit (measured / limit, per character) on each step record whose device was probed;
     returns one 'limit' record per (model, device, precision, batch): the machine's best, per character."""
@@ -113,7 +118,7 @@ def add_limits(records: list[dict], models: list[BenchModel], limits: dict) -> l
         if r["mode"] != "step" or probe is None or r["model"] not in by_id:
             continue
         m, B = by_id[r["model"]], r["batch"]
-        nbytes = 2 if r["precision"] == "fp16" else 4
+        nbytes = WEIGHT_BYTES[r["precision"]]
         bw = bandwidth_for(probe["bandwidth"], m.weight_bytes(1, nbytes))
         flops = probe["matmul_flops"].get(r["precision"], probe["matmul_flops"]["fp32"])["best"]
         lim = limit_us(m.weight_bytes(B, nbytes), m.flops(B), bw, flops)
@@ -142,6 +147,10 @@ TARGETS = {
                          "(same chars/msg)",
     "grpc_one_stream_2x": "gRPC server on onnxruntime CPU, one stream: time per character within 2x of the "
                           "in-process step loop (Runtime.step + sampling, one stream)",
+    "int8_1.5x": "int8 onnxruntime CPU step at batch 1 >= 1.5x faster than the fp32 one (LSTM, GRU; hidden 512)",
+    "int8_64_1.3x": "int8 onnxruntime CPU step at batch 64 >= 1.3x faster than the fp32 one (LSTM, GRU; hidden 512)",
+    "int8_under_fp32_limit": "int8 step at batch 1 faster than the fp32 machine limit (measured / fp32 limit < 1; "
+                             "hidden 512)",
 }
 
 
@@ -152,10 +161,14 @@ NEEDS = {  # what each target needs that a run may lack
     "gpu_3x": "it needs a GPU backend (tensorrt, torch-cudagraph) in step mode",
     "grpc_batching_10x": "it needs grpc mode on ort-cpu at concurrency 1 and 64",
     "grpc_one_stream_2x": "it needs grpc mode on ort-cpu at concurrency 1",
+    "int8_1.5x": "it needs step mode with ort-cpu and ort-cpu-int8 on an LSTM or GRU at hidden 512, batch 1",
+    "int8_64_1.3x": "it needs step mode with ort-cpu and ort-cpu-int8 on an LSTM or GRU at hidden 512, batch 64",
+    "int8_under_fp32_limit": "it needs step and limit modes with ort-cpu-int8 at hidden 512",
 }
 THRESHOLDS = {  # what each target asks: (threshold, whether the measure must be higher or lower)
     "ort_cpu_3x": (3.0, "higher"), "carried_20x": (20.0, "higher"), "limit_3x": (3.0, "lower"),
     "gpu_3x": (3.0, "higher"), "grpc_batching_10x": (10.0, "higher"), "grpc_one_stream_2x": (2.0, "lower"),
+    "int8_1.5x": (1.5, "higher"), "int8_64_1.3x": (1.3, "higher"), "int8_under_fp32_limit": (1.0, "lower"),
 }
 
 
@@ -166,6 +179,26 @@ def _target(key: str, r: dict | None, measured: float | None, model: str = "", b
     return {"target": key, "description": TARGETS[key], "model": r["model"] if r else model,
             "backend": backend or (_label(r) if r else ""), "measured": measured, "threshold": threshold,
             "better": better, "passed": passed, "note": note}
+
+
+def _int8_targets(records: list[dict]) -> list[dict]:
+    """int8 against fp32 on onnxruntime CPU, same model, batch and threads; and against fp32's limit."""
+    step = {(r["model"], r["backend"], r["batch"], r["threads"]): r for r in records if r["mode"] == "step"}
+    limits = {(r["model"], r["batch"], r["threads"]): r for r in records
+              if r["mode"] == "limit" and r["precision"] == "fp32"}
+    out = []
+    for (model, backend, batch, threads), r in step.items():
+        fp32 = step.get((model, "ort-cpu", batch, threads))
+        if backend != "ort-cpu-int8" or r["hidden_size"] != 512 or r["cell"] not in ("lstm", "gru"):
+            continue
+        if fp32 and batch in (1, 64):
+            out.append(_target("int8_1.5x" if batch == 1 else "int8_64_1.3x", r, speedup(fp32, r, "p50_us"),
+                               note=f"{r['p50_us']:.1f} vs {fp32['p50_us']:.1f} us per character"))
+        lim = limits.get((model, 1, threads))
+        if batch == 1 and lim:
+            out.append(_target("int8_under_fp32_limit", r, r["p50_us"] / lim["limit_us"],
+                               note=f"{r['p50_us']:.1f} us vs the fp32 limit {lim['limit_us']:.1f} us"))
+    return out
 
 
 def evaluate_targets(records: list[dict], skipped: list[dict], floor: list[dict] = ()) -> list[dict]:
@@ -227,6 +260,7 @@ def evaluate_targets(records: list[dict], skipped: list[dict], floor: list[dict]
                                note=f"{msg_label(r)} chars/msg, {r['details']['max_chars']} per request: "
                                     f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character{bare}; "
                                     f"{where(r)}{cpu_use(r)}"))
+    out += _int8_targets(records)
     for key in THRESHOLDS:
         if not any(t["target"] == key for t in out):
             why = "; ".join(sorted({s["reason"].rstrip(".") for s in skipped if key == "gpu_3x" and s.get("backend") in
@@ -348,7 +382,8 @@ def _order(r: dict) -> tuple:
 
 def _label(r: dict) -> str:
     """backend, then precision and thread count where they are not the usual fp32 and 1."""
-    return (r["backend"] + ("" if r["precision"] == "fp32" else f" {r['precision']}")
+    shown = r["precision"] == "fp32" or r["backend"].endswith(r["precision"])  # ort-cpu-int8 says it already
+    return (r["backend"] + ("" if shown else f" {r['precision']}")
             + ("" if r["threads"] == 1 else f" t{r['threads']}"))
 
 

@@ -61,6 +61,14 @@ class Progress:
             self.bar.close()
 
 
+def _precisions(backend: str, precisions: tuple[str, ...]) -> tuple[str, ...]:
+    """What a backend is timed at: eager ones the checkpoint's fp32, int8 ones int8, the others --precisions."""
+    if backend in EAGER_ONLY:
+        return ("fp32",)
+    fixed = BACKENDS[backend].precisions
+    return fixed if fixed == ("int8",) else precisions
+
+
 def _models(cfg: BenchConfig, tmp: Path) -> list[BenchModel]:
     if not cfg.models:
         return random_models(tmp / "models", cfg.cells, cfg.hidden_sizes)
@@ -79,7 +87,7 @@ def probe_limits(device: str, models: list[BenchModel], precisions: tuple[str, .
     flops = {"fp32": matmul_rate(device, n, threads=threads)}
     if device == "cuda" and "fp16" in precisions:
         flops["fp16"] = matmul_rate(device, n, torch.float16, threads=threads)
-    widths = [4] + ([2] if "fp16" in precisions else [])
+    widths = [4] + [report.WEIGHT_BYTES[p] for p in ("fp16", "int8") if p in precisions]
     sizes = sorted({m.weight_bytes(1, w) for m in models for w in widths} | set(LADDER))
     dram = (128 if quick else 256) * 2**20 if device == "cpu" else 2 * 2**30
     return {"threads": threads, "matmul_n": n, "matmul_flops": flops,
@@ -175,7 +183,7 @@ def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
         models = _models(cfg, tmp)
         pairs = []  # (backend, precision) that can run here
         for b in cfg.backends:
-            for p in ("fp32",) if b in EAGER_ONLY else cfg.precisions:
+            for p in _precisions(b, cfg.precisions):
                 reason = unavailable(b, p)
                 if reason:
                     _skip(skipped, f"backend {b} ({p})", reason, backend=b, precision=p)
@@ -196,7 +204,8 @@ def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
                 for t in cfg.threads if device == "cpu" else (primary,):
                     log.info("probing the %s's limits at %d thread(s)", device, t)
                     torch.set_num_threads(t)
-                    limits[report.limit_key(device, t)] = probe_limits(device, models, cfg.precisions, t, cfg.quick)
+                    limits[report.limit_key(device, t)] = probe_limits(device, models, tuple({p for _, p in pairs}),
+                                                                       t, cfg.quick)
             torch.set_num_threads(primary)
         per_model = (len(cfg.batches) if "step" in cfg.modes else 0) + ("refeed" in cfg.modes) \
             + len(serving) * len(cfg.concurrency) * (len(cfg.chunk_chars) + len(cfg.coalesce))

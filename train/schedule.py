@@ -31,10 +31,10 @@ def tuned(cell: str, hidden: int) -> tuple[float, int]:
 
 def lr_factor(step: int, warmup: int, horizon: int, shape: str = "cosine", floor: float = 0.1) -> float:
     """Multiplier of the base learning rate for optimiser step `step` (0-based) of a run of `horizon` steps:
-    1/warmup .. 1 over the first `warmup` steps, then down to `floor` at the horizon, and floor after it."""
+    1/warmup .. 1 over the first `warmup` steps, then down to `floor` at the last step, and floor after it."""
     if step < warmup:
         return (step + 1) / warmup
-    x = min(1.0, (step - warmup) / max(1, horizon - warmup))  # 0 -> 1 across the decay
+    x = min(1.0, (step - warmup) / max(1, horizon - 1 - warmup))  # 0 -> 1 across the decay
     decay = 0.5 * (1 + math.cos(math.pi * x)) if shape == "cosine" else 1 - x
     return floor + (1 - floor) * decay
 

@@ -422,10 +422,9 @@ class Trainer:
                     self._status("evaluating on held-out text")
 
                     t_eval = time.perf_counter()
-                    self._after_eval(self.evaluate())
+                    m = self.evaluate()
                     self.eval_seconds += time.perf_counter() - t_eval
-                    if cfg.max_minutes:
-                        self._plan()
+                    self._after_eval(m)
                     loss_sum, n_loss = 0.0, 0
                     if self._stopped():
                         break
@@ -454,8 +453,8 @@ class Trainer:
             self.bad_evals += 1
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.sched.step(loss)
-        elif self.sched:
-            self.sched.step()
+        if self.cfg.max_minutes:
+            self._plan()  # now that an evaluation's cost is measured
         row = {"eval": self.evals, "epoch": self.epoch + 1, "step": self.step, "train_loss": self.train_loss, **m,
                "train_seconds": self.train_seconds, "chars_per_s": self.chars_seen / max(self.train_seconds, 1e-9),
                "lr": self.opt.param_groups[0]["lr"]}

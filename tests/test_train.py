@@ -266,14 +266,14 @@ def test_epoch_bounded_run_ends_at_the_floor_and_resumes_on_the_same_curve(tmp_p
 
 def test_time_bounded_run_ends_annealed_and_saves_its_horizon(tmp_path):
     path = _small_corpus(tmp_path)
-    cfg = TrainConfig(epochs=10**4, max_minutes=0.1, batch_size=8, lr=1e-2, evals_per_epoch=1, patience=0,
+    cfg = TrainConfig(epochs=10**4, max_minutes=0.2, batch_size=8, lr=1e-2, evals_per_epoch=1, patience=0,
                       eval_windows=64, threads=1)
     job = Job("m", "tinyshakespeare", str(path), "gru", 10, 16, 1, cfg, str(tmp_path))
     tr = Trainer(job, quiet=True)
     tr.dir.mkdir(parents=True)
     tr.fit()
     lrs = _lrs(tmp_path, "m")
-    assert tr.step > 100 and lrs[0] > 0.5e-2  # still high at the first evaluation
+    assert tr.step > 50 and len(lrs) >= 2 and lrs[0] > lrs[-1]
     assert lrs[-1] <= 0.3e-2  # near the 1e-3 floor when the time ran out (0.12e-2 at 90% of the horizon)
     assert tr.horizon.steps < cfg.epochs * tr.steps_per_epoch()  # the time, not the epochs, set the horizon
     again = Trainer(job, quiet=True)

@@ -184,12 +184,13 @@ def sweep(args) -> None:
         cell, hidden, fc, seq_len = _parse_id(model)
         for lr in args.lr:
             for streams in args.streams:
-                cfg = TrainConfig(lr=lr, batch_size=streams, schedule=args.schedule, max_minutes=args.minutes,
-                                  epochs=1000, patience=0, evals_per_epoch=2, threads=args.threads,
+                cfg = TrainConfig(lr=lr, batch_size=streams, schedule=args.schedule, epochs=1000,
+                                  **(dict(max_steps=args.steps) if args.steps else dict(max_minutes=args.minutes)), patience=0, evals_per_epoch=2, threads=args.threads,
                                   dropout=args.dropout)
                 jobs.append(Job(f"{model}-lr{lr:g}-b{streams}", "tinyshakespeare", path, cell, seq_len, hidden, fc,
                                 cfg, str(args.out)))
-    print(f"{args.minutes} min per run, {args.workers} runs at a time, {args.threads} thread(s) each, "
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
+    print(f"{budget} per run, {args.workers} runs at a time, {args.threads} thread(s) each, "
           f"schedule {args.schedule}, dropout {args.dropout:g}")
     print("| model | lr | streams | val loss | chars/s | epochs |\n|---|---|---|---|---|---|")
     rows = []
@@ -229,6 +230,8 @@ def main(argv=None) -> int:
     b.add_argument("--out", type=Path, default=Path("runs/bench-budget"))
     w = sub.add_parser("sweep", help="learning rate x streams per step at a short budget (objective all)")
     w.add_argument("--minutes", type=float, default=1.0, help="training budget of each run (default: 1)")
+    w.add_argument("--steps", type=int, default=0, help="bound each run by steps instead (the same work whatever "
+                                                        "the machine's load; compares learning rates, not streams)")
     w.add_argument("--model", action="append", help="model id(s) (default: lstm-h256-fc1-s50)")
     w.add_argument("--lr", type=_list(float), default=[1e-3, 2e-3, 4e-3], help="comma list (default: 1e-3,2e-3,4e-3)")
     w.add_argument("--streams", type=_list(int), default=[32, 64], help="comma list (default: 32,64)")

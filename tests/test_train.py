@@ -216,9 +216,9 @@ def test_schedule_warms_up_then_decays_to_its_floor_at_the_horizon():
 
 
 def test_time_bounded_horizon_counts_the_evaluations_to_come():
-    # 100 steps in 10 s of which 2 s went on one evaluation: 0.08 s a step; 30 s left less a final 2 s
-    # evaluation; one evaluation every 200 steps costs 0.01 s a step more -> 28 / 0.09 = 311 steps more
-    assert steps_in_time(100, 10.0, 2.0, 1, 40.0, 200) == 100 + int(28 / 0.09)
+    # 100 steps in 10 s of which 2 s went on one evaluation: 0.08 s a step; 30 s left; one evaluation
+    # every 200 steps costs 0.01 s a step more -> 30 / 0.09 = 333 steps more
+    assert steps_in_time(100, 10.0, 2.0, 1, 40.0, 200) == 100 + int(30 / 0.09)
     assert steps_in_time(100, 10.0, 0.0, 0, 40.0, 200) == 100 + 300  # no evaluation measured yet
     assert steps_in_time(100, 50.0, 0.0, 0, 40.0, 200) == 100  # over time: no more steps
 

@@ -54,9 +54,8 @@ class Horizon:
 def steps_in_time(step: int, wall_s: float, eval_s: float, evals: int, budget_s: float,
                   steps_per_eval: float) -> int:
     """Estimated horizon of a time-bounded run at `step`, after `wall_s` seconds of which `eval_s` went on
-    `evals` evaluations: the remaining time, less a final evaluation, buys steps at the measured time per
-    step plus the evaluations they will trigger."""
+    `evals` evaluations: the remaining time buys steps at the measured time per step plus the evaluations
+    they will trigger (the final one comes after the budget, as the trainer stops)."""
     t_step = max(wall_s - eval_s, 1e-9) / max(step, 1)
     t_eval = eval_s / evals if evals else 0.0  # unknown before the first: it corrects the estimate then
-    left = budget_s - wall_s - t_eval
-    return step + max(0, int(left / (t_step + t_eval / max(steps_per_eval, 1))))
+    return step + max(0, int((budget_s - wall_s) / (t_step + t_eval / max(steps_per_eval, 1))))

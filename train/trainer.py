@@ -57,7 +57,7 @@ class TrainConfig:
     grad_clip: float = opt(5.0, "clip the gradient norm to this; 0 = off (char-rnn clips at 5)")
     dropout: float = opt(0.0, "dropout on the recurrent output (adds no parameters)")
     schedule: str = opt("auto", "learning-rate schedule: cosine/linear warm up, then decay to --lr-floor when the "
-                                "budget (--epochs or --max-minutes) ends; plateau halves it when validation stalls; "
+                                "budget (--epochs, --max-steps or --max-minutes) ends; plateau halves it when validation stalls; "
                                 "auto = cosine for all, none (the seed's) for last",
                         choices=("auto", "none", "cosine", "linear", "plateau"))
     warmup: float = opt(0.02, "cosine/linear: warm-up as a fraction of the budget's steps")

@@ -17,6 +17,7 @@ from train.checkpoint import CheckpointError, load_checkpoint
 from train.grid import PRESETS
 from train.model import CharRNN, ModelConfig, count_parameters
 from train.sampling import generate, generate_refeed, sample
+from train.schedule import Horizon, lr_factor, steps_in_time
 from train.trainer import Job, TrainConfig, Trainer, train_one
 from train.vocab import Vocab, VocabError
 
@@ -198,6 +199,85 @@ def test_both_objectives_lower_the_held_out_loss(tmp_path, objective):
     assert evals[-1][key] < 0.5 * math.log(V)  # far below the uniform guess
     assert config["metrics"][key] == pytest.approx(min(e[key] for e in evals), rel=1e-5)  # best weights kept
     assert config["done"] and (tmp_path / "run" / "m" / "sample.txt").read_text().count("===") == 6
+
+
+# --- the learning rate of a budget ---------------------------------------------------------------
+
+def test_schedule_warms_up_then_decays_to_its_floor_at_the_horizon():
+    assert [lr_factor(s, 4, 100) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(4, 4, 100) == 1.0
+    assert lr_factor(52, 4, 101) == pytest.approx(0.55)  # half way down the cosine: (1 + 0.1) / 2
+    assert lr_factor(52, 4, 101, "linear") == pytest.approx(0.55)
+    assert lr_factor(30, 4, 101, "linear") < lr_factor(30, 4, 101)  # cosine stays high longer
+    for shape in ("cosine", "linear"):
+        assert lr_factor(99, 4, 100, shape, floor=0.1) == pytest.approx(0.1)  # the last step of the budget
+        assert lr_factor(10**6, 4, 100, shape, floor=0.05) == pytest.approx(0.05)  # past the horizon: the floor
+    assert lr_factor(0, 0, 1) == 1.0 and Horizon.of(1000, 0.02) == Horizon(1000, 20) and Horizon.of(50, 0).warmup == 0
+
+
+def test_time_bounded_horizon_counts_the_evaluations_to_come():
+    # 100 steps in 10 s of which 2 s went on one evaluation: 0.08 s a step; 30 s left; one evaluation
+    # every 200 steps costs 0.01 s a step more -> 30 / 0.09 = 333 steps more
+    assert steps_in_time(100, 10.0, 2.0, 1, 40.0, 200) == 100 + int(30 / 0.09)
+    assert steps_in_time(100, 10.0, 0.0, 0, 40.0, 200) == 100 + 300  # no evaluation measured yet
+    assert steps_in_time(100, 50.0, 0.0, 0, 40.0, 200) == 100  # over time: no more steps
+
+
+def test_defaults_resolve_per_objective_and_the_seeds_stay_reachable():
+    seed = TrainConfig(objective="last").resolved("lstm", 256)
+    assert (seed.lr, seed.batch(), seed.schedule) == (1e-3, 8192, "none")
+    ours = TrainConfig().resolved("gru", 512)
+    assert ours.schedule == "cosine" and ours.lr > 0 and ours.batch_size > 0
+    mine = TrainConfig(lr=5e-4, batch_size=7, schedule="none").resolved("lstm", 128)
+    assert (mine.lr, mine.batch(), mine.schedule) == (5e-4, 7, "none")
+
+
+def _lrs(run: Path, mid: str) -> list[float]:
+    return [json.loads(l)["lr"] for l in (run / mid / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("shape", ["cosine", "linear"])
+def test_epoch_bounded_run_ends_at_the_floor_and_resumes_on_the_same_curve(tmp_path, shape):
+    path = _small_corpus(tmp_path)
+    cfg = TrainConfig(epochs=3, batch_size=8, lr=1e-2, schedule=shape, evals_per_epoch=2, patience=0)
+    job = Job("m", "tinyshakespeare", str(path), "gru", 10, 16, 1, cfg, str(tmp_path / "ref"))
+    train_one(job, quiet=True)
+    ref = _lrs(tmp_path / "ref", "m")
+    assert ref[-1] == pytest.approx(1e-2 * cfg.lr_floor)  # annealed exactly when the epochs run out
+    assert ref == sorted(ref, reverse=True) and len(set(ref)) == len(ref)
+
+    # stop after the 3rd evaluation (mid-run), then resume in a new Trainer
+    job = Job("m", "tinyshakespeare", str(path), "gru", 10, 16, 1, cfg, str(tmp_path / "run"))
+    tr = Trainer(job, quiet=True)
+    tr.dir.mkdir(parents=True)
+    tr.cfg.patience, stop = 1, tr._after_eval  # patience bounds the run, it is not part of its identity
+    tr._after_eval = lambda m: (stop(m), tr.evals == 3 and setattr(tr, "bad_evals", 10**6))
+    tr.fit()
+    assert tr.evals == 3
+    again = Trainer(job, quiet=True)
+    assert again.try_resume() and again.horizon == tr.horizon == Horizon(3 * tr.steps_per_epoch(), tr.horizon.warmup)
+    again.bad_evals = 0
+    again.fit()
+    again.finish()
+    assert _lrs(tmp_path / "run", "m") == ref
+    assert (tmp_path / "run" / "m" / "model.safetensors").read_bytes() == \
+        (tmp_path / "ref" / "m" / "model.safetensors").read_bytes()
+
+
+def test_time_bounded_run_ends_annealed_and_saves_its_horizon(tmp_path):
+    path = _small_corpus(tmp_path)
+    cfg = TrainConfig(epochs=10**4, max_minutes=0.2, batch_size=8, lr=1e-2, evals_per_epoch=1, patience=0,
+                      eval_windows=64, threads=1)
+    job = Job("m", "tinyshakespeare", str(path), "gru", 10, 16, 1, cfg, str(tmp_path))
+    tr = Trainer(job, quiet=True)
+    tr.dir.mkdir(parents=True)
+    tr.fit()
+    lrs = _lrs(tmp_path, "m")
+    assert tr.step > 50 and len(lrs) >= 2 and lrs[0] > lrs[-1]
+    assert lrs[-1] <= 0.3e-2  # near the 1e-3 floor when the time ran out (0.12e-2 at 90% of the horizon)
+    assert tr.horizon.steps < cfg.epochs * tr.steps_per_epoch()  # the time, not the epochs, set the horizon
+    again = Trainer(job, quiet=True)
+    assert again.try_resume() and again.horizon == tr.horizon and again.eval_seconds > 0
 
 
 def test_checkpoint_round_trip_is_bit_exact(tmp_path):

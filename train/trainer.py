@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from train import corpus
 from train.checkpoint import WEIGHTS, atomic_write, read_config, save_config, save_weights
 from train.model import CharRNN, ModelConfig, count_parameters, size_mb
+from train.schedule import SEED_LR, Horizon, lr_factor, steps_in_time, tuned
 from train.sampling import generate, generate_refeed
 from train.vocab import Vocab
 
@@ -50,11 +51,17 @@ def opt(default, help: str, **kw):
 class TrainConfig:
     objective: str = opt("all", "all: every position predicts its next char (state carried); last: the seed's one target per window",
                          choices=("all", "last"))
-    batch_size: int = opt(0, "streams (all) or windows (last) per step; 0 = 64 for all, 8192 (the seed's) for last")
-    lr: float = opt(1e-3, "Adam learning rate (the seed's)")
+    batch_size: int = opt(0, "streams (all) or windows (last) per step; 0 = measured per cell and size for all "
+                             "(train/schedule.py), 8192 (the seed's) for last")
+    lr: float = opt(0.0, "Adam learning rate; 0 = measured per cell and size for all, 1e-3 (the seed's) for last")
     grad_clip: float = opt(5.0, "clip the gradient norm to this; 0 = off (char-rnn clips at 5)")
     dropout: float = opt(0.0, "dropout on the recurrent output (adds no parameters)")
-    schedule: str = opt("none", "learning-rate schedule", choices=("none", "cosine", "plateau"))
+    schedule: str = opt("auto", "learning-rate schedule: cosine/linear warm up, then decay to --lr-floor when the "
+                                "budget (--epochs, --max-steps or --max-minutes) ends; plateau halves it when validation stalls; "
+                                "auto = cosine for all, none (the seed's) for last",
+                        choices=("auto", "none", "cosine", "linear", "plateau"))
+    warmup: float = opt(0.02, "cosine/linear: warm-up as a fraction of the budget's steps")
+    lr_floor: float = opt(0.1, "cosine/linear: the learning rate at the end of the budget, as a fraction of --lr")
     epochs: int = opt(20, "maximum passes over the training text")
     max_steps: int = opt(0, "stop after this many optimisation steps: a budget of work, the same model on any machine; 0 = no limit")
     max_minutes: float = opt(0.0, "stop training a model after this many minutes of wall time (machine-dependent); 0 = no limit")
@@ -68,6 +75,16 @@ class TrainConfig:
 
     def batch(self) -> int:
         return self.batch_size or (64 if self.objective == "all" else 8192)
+
+    def resolved(self, cell: str, hidden_size: int) -> "TrainConfig":
+        """The settings a model trains with: the "auto" ones (0, "auto") filled in for its cell and size."""
+        if self.objective == "all":
+            lr, batch = tuned(cell, hidden_size)
+            schedule = "cosine"
+        else:
+            lr, batch, schedule = SEED_LR, 8192, "none"
+        return replace(self, lr=self.lr or lr, batch_size=self.batch_size or batch,
+                       schedule=schedule if self.schedule == "auto" else self.schedule)
 
 
 @dataclass(frozen=True)
@@ -167,7 +184,7 @@ def eval_windows(model: CharRNN, ids: torch.Tensor, seq_len: int, max_windows: i
 
 class Trainer:
     def __init__(self, job: Job, position: int = 0, quiet: bool = False):
-        self.job, self.cfg = job, job.train
+        self.job, self.cfg = job, job.train.resolved(job.cell, job.hidden_size)
         self.dir = Path(job.out_dir) / job.model_id
         self.position, self.quiet = position, quiet
         self.device = pick_device(self.cfg.device)
@@ -189,18 +206,18 @@ class Trainer:
         self.opt = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
         self.amp_dtype, self.scaler = _amp(self.device)
         self.sched = self._scheduler()
+        self.horizon: Horizon | None = None  # the decay's end (cosine/linear), planned in fit()
         # progress, restored on resume
         self.epoch, self.step, self.evals = 0, 0, 0
         self.best_loss, self.best_weights, self.bad_evals = math.inf, None, 0
         self.train_seconds, self.elapsed, self.chars_seen = 0.0, 0.0, 0  # step time; wall time incl. evals
+        self.eval_seconds = 0.0  # wall time of evaluations and checkpoints, for the time-bounded horizon
         self.train_loss = math.nan
         self.carry = None  # the carried training state between windows (objective "all")
         self._t_start = time.perf_counter()
         self.bar = None  # the model's progress bar: steps, then what evaluation and finish() are doing
 
     def _scheduler(self):
-        if self.cfg.schedule == "cosine":
-            return torch.optim.lr_scheduler.CosineAnnealingLR(self.opt, T_max=self.cfg.epochs * self.cfg.evals_per_epoch)
         if self.cfg.schedule == "plateau":
             return torch.optim.lr_scheduler.ReduceLROnPlateau(self.opt, factor=0.5, patience=1)
         return None
@@ -233,10 +250,11 @@ class Trainer:
             "identity": json.dumps(self._identity()),
             "model": self.model.state_dict(), "best_weights": self.best_weights, "optimizer": self.opt.state_dict(),
             "scheduler": self.sched.state_dict() if self.sched else None,
+            "horizon": [self.horizon.steps, self.horizon.warmup] if self.horizon else None,
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "progress": {"epoch": self.epoch, "step": self.step, "evals": self.evals, "best_loss": self.best_loss,
                          "bad_evals": self.bad_evals, "train_seconds": self.train_seconds,
-                         "elapsed": self._wall(),
+                         "elapsed": self._wall(), "eval_seconds": self.eval_seconds,
                          "chars_seen": self.chars_seen, "train_loss": self.train_loss},
             "carry": list(self.carry) if self.carry is not None else None,  # the state mid-epoch ("all")
             "rng": {"torch": torch.get_rng_state(),
@@ -261,6 +279,8 @@ class Trainer:
             self.sched.load_state_dict(state["scheduler"])
         if self.scaler and state["scaler"]:
             self.scaler.load_state_dict(state["scaler"])
+        if state.get("horizon"):
+            self.horizon = Horizon(*state["horizon"])
         for k, v in state["progress"].items():
             setattr(self, k, v)
         self.carry = tuple(state["carry"]) if state["carry"] is not None else None
@@ -337,6 +357,27 @@ class Trainer:
         if self.bar is not None:
             self.bar.set_postfix_str(what, refresh=True)
 
+    # --- the learning rate of the budget (cosine/linear) --------------------------------------------
+    def _plan(self) -> None:
+        """Set the horizon: the budget's steps by --epochs or --max-steps, or fewer by --max-minutes at the
+        measured pace."""
+        cfg = self.cfg
+        if cfg.schedule not in ("cosine", "linear"):
+            return
+        steps = min(cfg.epochs * self.steps_per_epoch(), cfg.max_steps or math.inf)
+        if cfg.max_minutes and self.step:
+            steps = min(steps, steps_in_time(self.step, self._wall(), self.eval_seconds, self.evals,
+                                             cfg.max_minutes * 60, self.steps_per_epoch() / cfg.evals_per_epoch))
+        elif cfg.max_minutes and self.horizon:  # not measured yet: keep the saved estimate
+            return
+        self.horizon = Horizon.of(steps, cfg.warmup)
+
+    def _set_lr(self) -> None:
+        if self.horizon:
+            f = lr_factor(self.step, self.horizon.warmup, self.horizon.steps, self.cfg.schedule, self.cfg.lr_floor)
+            for g in self.opt.param_groups:
+                g["lr"] = self.cfg.lr * f
+
     def fit(self) -> None:
         cfg, per_epoch = self.cfg, self.steps_per_epoch()
         eval_at = {round(per_epoch * (k + 1) / cfg.evals_per_epoch) for k in range(cfg.evals_per_epoch)}
@@ -346,6 +387,8 @@ class Trainer:
                               dynamic_ncols=True)
         self.model.train()
         self._t_start = time.perf_counter()
+        self._plan()
+        session_steps = 0
         while self.epoch < cfg.epochs and not self._stopped():
             loss_sum, n_loss = 0.0, 0
             skip = self.step - self.epoch * per_epoch  # resuming mid-epoch at an evaluation boundary
@@ -357,6 +400,10 @@ class Trainer:
             for i, (x, y) in enumerate(self._batches(), start=1):
                 if i <= skip:
                     continue
+                if cfg.max_minutes and (session_steps in (10, 20) or session_steps % 50 == 0 < session_steps):
+                    self._plan()  # a time-bounded horizon follows the measured pace (first after 10 steps)
+                session_steps += 1
+                self._set_lr()
                 t0 = time.perf_counter()
                 loss, state = self._loss(x, y, self.carry)
                 self._update(loss)
@@ -373,7 +420,11 @@ class Trainer:
                 if i in eval_at or self._out_of_time() or self._out_of_steps():
                     self.train_loss = loss_sum / n_loss
                     self._status("evaluating on held-out text")
-                    self._after_eval(self.evaluate())
+
+                    t_eval = time.perf_counter()
+                    m = self.evaluate()
+                    self.eval_seconds += time.perf_counter() - t_eval
+                    self._after_eval(m)
                     loss_sum, n_loss = 0.0, 0
                     if self._stopped():
                         break
@@ -402,8 +453,8 @@ class Trainer:
             self.bad_evals += 1
         if isinstance(self.sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.sched.step(loss)
-        elif self.sched:
-            self.sched.step()
+        if self.cfg.max_minutes:
+            self._plan()  # now that an evaluation's cost is measured
         row = {"eval": self.evals, "epoch": self.epoch + 1, "step": self.step, "train_loss": self.train_loss, **m,
                "train_seconds": self.train_seconds, "chars_per_s": self.chars_seen / max(self.train_seconds, 1e-9),
                "lr": self.opt.param_groups[0]["lr"]}

@@ -150,8 +150,9 @@ def budget(args) -> None:
     path = str(corpus.resolve("tinyshakespeare", args.data))
     results = []
     budget = f"{args.chars:,} training characters" if args.chars else f"{args.minutes} min of training"
+    when = "one after another" if args.one_at_a_time else "at the same time"
     print(f"held-out validation loss (nats/char, stream protocol) after {budget}; sides run "
-          f"at the same time, one process each, {args.threads} thread(s) each, on {mp.cpu_count()} CPUs")
+          f"{when}, one process each, {args.threads} thread(s) each, on {mp.cpu_count()} CPUs")
     print("| model | side | val loss | chars/s | steps | epochs | settings |\n|---|---|---|---|---|---|---|")
     for model in args.model:
         cell, hidden, fc, seq_len = _parse_id(model)
@@ -169,7 +170,7 @@ def budget(args) -> None:
             cfg = train_config(PRESETS["seed-p23"], "tinyshakespeare", overrides)
             sides[name] = (ours, (Job(f"{model}-{name}", "tinyshakespeare", path, cell, seq_len, hidden, fc, cfg,
                                       str(args.out)),), {})
-        with mp.get_context("spawn").Pool(len(sides)) as pool:
+        with mp.get_context("spawn").Pool(1 if args.one_at_a_time else len(sides)) as pool:
             out = dict(zip(sides, pool.map(_run, sides.values())))
         for name, r in out.items():
             results.append({"model": model, "side": name, "minutes": 0 if args.chars else args.minutes,
@@ -235,6 +236,8 @@ def main(argv=None) -> int:
                    help="comma list of ours (today's defaults), plain (the reference loop), before (the defaults "
                         "before issue 18: Adam 1e-3, 64 streams, no schedule) (default: ours,plain)")
     b.add_argument("--threads", type=int, default=1, help="torch threads of each side (default: 1)")
+    b.add_argument("--one-at-a-time", action="store_true",
+                   help="run the sides one after another, each with the machine to itself (default: at the same time)")
     b.add_argument("--out", type=Path, default=Path("runs/bench-budget"))
     w = sub.add_parser("sweep", help="learning rate x streams per step at a short budget (objective all)")
     w.add_argument("--minutes", type=float, default=1.0, help="training budget of each run (default: 1)")

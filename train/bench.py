@@ -3,7 +3,9 @@
   python -m train.bench objectives [--minutes 10]   time to a held-out loss: objective all vs the seed's last
   python -m train.bench generation                  per-character time: carried state vs the seed's re-feeding
   python -m train.bench budget --minutes M          held-out loss after M minutes: our trainer vs a plain TBPTT loop
+                                                    (--chars N: after N training characters instead)
   python -m train.bench sweep --minutes M ...       learning rate x streams per step, for the defaults of objective all
+                                                    (--steps N: bounded by work instead)
 
 Both sides of each comparison run in the same invocation (at the same time, in one process each with
 the same threads), since these machines are shared and noisy.
@@ -83,7 +85,8 @@ def generation(args) -> None:
 def plain_tbptt(path: str, cell: str, hidden: int, fc: int, seconds: float, threads: int, lr: float = 2e-3,
                 streams: int = 32, T: int = 64, seed: int = 0, chars: int = 0) -> dict:
     """The reference: the loop everyone writes first. Adam, clip 5, state carried along `streams` streams,
-    no schedule, no evaluation until the time is up; the same model class and held-out split as ours."""
+    no schedule, no evaluation until the budget (`seconds`, or `chars` training characters) is spent; the
+    same model class and held-out split as ours."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     text = corpus.load_text(Path(path))
@@ -191,9 +194,9 @@ def sweep(args) -> None:
         cell, hidden, fc, seq_len = _parse_id(model)
         for lr in args.lr:
             for streams in args.streams:
-                cfg = TrainConfig(lr=lr, batch_size=streams, schedule=args.schedule, epochs=1000,
-                                  **(dict(max_steps=args.steps) if args.steps else dict(max_minutes=args.minutes)), patience=0, evals_per_epoch=2, threads=args.threads,
-                                  dropout=args.dropout)
+                bound = dict(max_steps=args.steps) if args.steps else dict(max_minutes=args.minutes)
+                cfg = TrainConfig(lr=lr, batch_size=streams, schedule=args.schedule, epochs=1000, patience=0,
+                                  evals_per_epoch=2, threads=args.threads, dropout=args.dropout, **bound)
                 jobs.append(Job(f"{model}-lr{lr:g}-b{streams}", "tinyshakespeare", path, cell, seq_len, hidden, fc,
                                 cfg, str(args.out)))
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"

@@ -418,3 +418,16 @@ def test_block_drawn_uniforms_are_the_generators_own():
     logits = np.random.default_rng(0).normal(size=65).astype(np.float32) * 3
     u, g = Uniforms(5), np.random.default_rng(5)
     assert [sample(logits, 1.0, 0, 0.9, u) for _ in range(50)] == [sample(logits, 1.0, 0, 0.9, g) for _ in range(50)]
+
+
+def test_bench_reference_loop_and_our_side_train_the_same_model(tmp_path):
+    from train.bench import ours, plain_tbptt
+
+    path = _small_corpus(tmp_path)
+    plain = plain_tbptt(str(path), "gru", 16, 1, 0, 1, streams=4, T=10, chars=4000)
+    assert plain["steps"] == 100 and plain["val_loss"] < math.log(9)  # 9 characters: below the uniform guess
+    job = Job("m", "tinyshakespeare", str(path), "gru", 10, 16, 1,
+              TrainConfig(max_steps=100, batch_size=4, patience=0, eval_windows=64), str(tmp_path / "run"))
+    r = ours(job)
+    assert r["steps"] == 100 and r["val_loss"] < math.log(9)
+    assert r["final_lr"] == pytest.approx(TrainConfig().resolved("gru", 16).lr * 0.1)  # ended annealed

@@ -3,7 +3,9 @@
   python -m train.bench objectives [--minutes 10]   time to a held-out loss: objective all vs the seed's last
   python -m train.bench generation                  per-character time: carried state vs the seed's re-feeding
   python -m train.bench budget --minutes M          held-out loss after M minutes: our trainer vs a plain TBPTT loop
+                                                    (--chars N: after N training characters instead)
   python -m train.bench sweep --minutes M ...       learning rate x streams per step, for the defaults of objective all
+                                                    (--steps N: bounded by work instead)
 
 Both sides of each comparison run in the same invocation (at the same time, in one process each with
 the same threads), since these machines are shared and noisy.
@@ -81,9 +83,10 @@ def generation(args) -> None:
 # --- budget: our trainer against a plain truncated-BPTT loop at the same wall time -----------------
 
 def plain_tbptt(path: str, cell: str, hidden: int, fc: int, seconds: float, threads: int, lr: float = 2e-3,
-                streams: int = 32, T: int = 64, seed: int = 0) -> dict:
+                streams: int = 32, T: int = 64, seed: int = 0, chars: int = 0) -> dict:
     """The reference: the loop everyone writes first. Adam, clip 5, state carried along `streams` streams,
-    no schedule, no evaluation until the time is up; the same model class and held-out split as ours."""
+    no schedule, no evaluation until the budget (`seconds`, or `chars` training characters) is spent; the
+    same model class and held-out split as ours."""
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     text = corpus.load_text(Path(path))
@@ -95,7 +98,7 @@ def plain_tbptt(path: str, cell: str, hidden: int, fc: int, seconds: float, thre
     model = CharRNN(ModelConfig(cell, len(vocab), hidden, fc))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     state, t, steps, t0 = None, 0, 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
+    while steps * T * streams < chars if chars else time.perf_counter() - t0 < seconds:
         if t + T + 1 > L:  # the end of the streams: start the next epoch from a zero state
             t, state = 0, None
         x, y = data[:, t: t + T], data[:, t + 1: t + T + 1]  # (B, T)
@@ -135,8 +138,8 @@ def ours(job: Job) -> dict:
 
 
 def _run(side):
-    fn, args = side
-    return fn(*args)
+    fn, args, kw = side
+    return fn(*args, **kw)
 
 
 def _parse_id(model: str) -> tuple[str, int, int, int]:
@@ -149,25 +152,32 @@ def budget(args) -> None:
 
     path = str(corpus.resolve("tinyshakespeare", args.data))
     results = []
-    print(f"held-out validation loss (nats/char, stream protocol) after {args.minutes} min of training; sides run "
-          f"at the same time, one process each, {args.threads} thread(s) each, on {mp.cpu_count()} CPUs")
+    budget = f"{args.chars:,} training characters" if args.chars else f"{args.minutes} min of training"
+    when = "one after another" if args.one_at_a_time else "at the same time"
+    print(f"held-out validation loss (nats/char, stream protocol) after {budget}; sides run "
+          f"{when}, one process each, {args.threads} thread(s) each, on {mp.cpu_count()} CPUs")
     print("| model | side | val loss | chars/s | steps | epochs | settings |\n|---|---|---|---|---|---|---|")
     for model in args.model:
         cell, hidden, fc, seq_len = _parse_id(model)
         sides = {}
         for name in args.sides:
             if name == "plain":
-                sides[name] = (plain_tbptt, (path, cell, hidden, fc, args.minutes * 60, args.threads))
+                sides[name] = (plain_tbptt, (path, cell, hidden, fc, args.minutes * 60, args.threads),
+                               dict(chars=args.chars))
                 continue
             overrides = dict(max_minutes=args.minutes, threads=args.threads, epochs=1000,
                              **(BEFORE if name == "before" else {}))
+            if args.chars:  # the same work as the plain loop: as many steps as those characters take
+                batch = train_config(PRESETS["seed-p23"], "tinyshakespeare", overrides).resolved(cell, hidden).batch()
+                overrides.update(max_minutes=0, max_steps=-(-args.chars // (batch * seq_len)))
             cfg = train_config(PRESETS["seed-p23"], "tinyshakespeare", overrides)
             sides[name] = (ours, (Job(f"{model}-{name}", "tinyshakespeare", path, cell, seq_len, hidden, fc, cfg,
-                                      str(args.out)),))
-        with mp.get_context("spawn").Pool(len(sides)) as pool:
+                                      str(args.out)),), {})
+        with mp.get_context("spawn").Pool(1 if args.one_at_a_time else len(sides)) as pool:
             out = dict(zip(sides, pool.map(_run, sides.values())))
         for name, r in out.items():
-            results.append({"model": model, "side": name, "minutes": args.minutes, "threads": args.threads, **r})
+            results.append({"model": model, "side": name, "minutes": 0 if args.chars else args.minutes,
+                            "chars": args.chars, "threads": args.threads, **r})
             print(f"| {model} | {name} | {r['val_loss']:.3f} | {r['chars_per_s']:,.0f} | {r['steps']} | "
                   f"{r['epochs']:.2f} | {r['settings']} |", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -184,9 +194,9 @@ def sweep(args) -> None:
         cell, hidden, fc, seq_len = _parse_id(model)
         for lr in args.lr:
             for streams in args.streams:
-                cfg = TrainConfig(lr=lr, batch_size=streams, schedule=args.schedule, epochs=1000,
-                                  **(dict(max_steps=args.steps) if args.steps else dict(max_minutes=args.minutes)), patience=0, evals_per_epoch=2, threads=args.threads,
-                                  dropout=args.dropout)
+                bound = dict(max_steps=args.steps) if args.steps else dict(max_minutes=args.minutes)
+                cfg = TrainConfig(lr=lr, batch_size=streams, schedule=args.schedule, epochs=1000, patience=0,
+                                  evals_per_epoch=2, threads=args.threads, dropout=args.dropout, **bound)
                 jobs.append(Job(f"{model}-lr{lr:g}-b{streams}", "tinyshakespeare", path, cell, seq_len, hidden, fc,
                                 cfg, str(args.out)))
     budget = f"{args.steps} steps" if args.steps else f"{args.minutes} min"
@@ -222,11 +232,15 @@ def main(argv=None) -> int:
     g.add_argument("--chars", type=int, default=300, help="characters generated per timing (default: 300)")
     b = sub.add_parser("budget", help="held-out loss after M minutes: our trainer vs a plain TBPTT loop")
     b.add_argument("--minutes", type=float, default=1.27, help="training budget of each side (default: 1.27, 76 s)")
+    b.add_argument("--chars", type=int, default=0, help="bound each side by training characters instead of time: "
+                                                        "the same work whatever the machine's load (default: off)")
     b.add_argument("--model", action="append", help="model id(s) of the seed-p23 grid (default: lstm-h256-fc1-s50)")
     b.add_argument("--sides", type=lambda s: s.split(","), default=["ours", "plain"],
                    help="comma list of ours (today's defaults), plain (the reference loop), before (the defaults "
                         "before issue 18: Adam 1e-3, 64 streams, no schedule) (default: ours,plain)")
     b.add_argument("--threads", type=int, default=1, help="torch threads of each side (default: 1)")
+    b.add_argument("--one-at-a-time", action="store_true",
+                   help="run the sides one after another, each with the machine to itself (default: at the same time)")
     b.add_argument("--out", type=Path, default=Path("runs/bench-budget"))
     w = sub.add_parser("sweep", help="learning rate x streams per step at a short budget (objective all)")
     w.add_argument("--minutes", type=float, default=1.0, help="training budget of each run (default: 1)")

@@ -35,12 +35,15 @@ class ServerConfig:
     max_top_k: int = _opt(1024, "cap on top_k (Generate and Predict)")
     max_chunk_chars: int = _opt(1024, "cap on chunk_chars")
     prefill_chunk: int = _opt(256, "prompt tokens per prefill call: a long prompt delays others by a chunk per step")
-    max_unsent: int = _opt(64, "messages a stream may run ahead of its client before it pauses (backpressure)")
-    max_sending: int = _opt(16, "coalescing streams sending a message at once, all together; the others wait their "
-                                "turn, merging what they make meanwhile (under load the event loop's turns stay "
-                                "short, so new requests are taken promptly); 0: no limit")
+    max_unsent: int = _opt(64, "messages a stream may run ahead of its client (its credit): then it leaves its "
+                               "batch until the client takes some (backpressure)")
+    stall_timeout_s: float = _opt(30.0, "a stream whose client takes no message for this long is ended, freeing "
+                                        "its place")
+    max_model_chars: int = _opt(128, "longest model name a request may give")
     session_ttl_s: float = _opt(600.0, "seconds a session's state is kept after its last stream")
     max_sessions: int = _opt(10_000, "sessions kept; the least recently used is evicted past it")
+    max_session_mb: float = _opt(1024.0, "hidden state kept for sessions, in MB (fp32); the least recently used "
+                                         "is evicted past it")
     max_session_id_chars: int = _opt(128, "longest session_id")
     grace_s: float = _opt(10.0, "on SIGTERM: seconds in-flight streams get to finish before they are cancelled")
 
@@ -49,17 +52,20 @@ class ServerConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
         positive = ("max_batch", "max_streams", "max_prompt_chars", "max_chars", "default_chars", "max_top_k",
-                    "max_chunk_chars", "prefill_chunk", "max_unsent", "max_sessions", "max_session_id_chars")
+                    "max_chunk_chars", "prefill_chunk", "max_unsent", "max_sessions", "max_session_id_chars",
+                    "max_model_chars")
         bad = [name for name in positive if getattr(self, name) < 1]
         if bad:
             raise ValueError(f"must be >= 1: {', '.join(bad)}")
         self.default_chars = min(self.default_chars, self.max_chars)
-        if self.session_ttl_s <= 0 or self.grace_s < 0 or self.workers < 0 or self.max_sending < 0:
-            raise ValueError("session_ttl_s must be > 0, grace_s, workers and max_sending >= 0")
+        if min(self.session_ttl_s, self.stall_timeout_s, self.max_session_mb) <= 0 or self.grace_s < 0 \
+                or self.workers < 0:
+            raise ValueError("session_ttl_s, stall_timeout_s and max_session_mb must be > 0, grace_s and workers >= 0")
 
-    def scheduler_settings(self) -> dict:
-        """serve.scheduler.Scheduler's keyword arguments."""
-        return {"max_batch": self.max_batch, "prefill_chunk": self.prefill_chunk, "max_unsent": self.max_unsent}
+    def worker_settings(self) -> dict:
+        """What a worker (serve.worker.Worker) needs to know."""
+        return {"max_batch": self.max_batch, "prefill_chunk": self.prefill_chunk, "session_ttl_s": self.session_ttl_s,
+                "max_sessions": self.max_sessions, "max_session_bytes": self.max_session_mb * 1e6}
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:

@@ -1,7 +1,7 @@
 """Prometheus metrics, on a registry of the server's own (several servers can share a process).
 
 A model's figures (`ModelMetrics`) are plain counters written by its scheduler's thread, which may run
-in a worker process: they pickle, and the server's copy is refreshed from the worker's snapshots. A
+in a worker: the server's copy is refreshed from the worker's snapshots. A
 collector turns them into Prometheus families when /metrics is read.
 """
 from __future__ import annotations
@@ -105,6 +105,8 @@ class Metrics:
         self.sessions = Gauge("charrnn_sessions", "Sessions holding state", registry=r)
         self.requests = Counter("charrnn_requests", "Finished requests by method and status code",
                                 ["method", "code"], registry=r)
+        self.stalled = Counter("charrnn_stalled_streams", "Streams ended because their client took no message "
+                                                          "for --stall-timeout-s", registry=r)
         self._http = None
 
     def model(self, model_id: str) -> ModelMetrics:

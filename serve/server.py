@@ -1,10 +1,15 @@
 """The gRPC edge: the Generator servicer, protobuf <-> serve.types, the error interceptor, health,
 reflection, metrics, and the process's lifecycle (`python -m serve`). Nothing below this module sees
 protobuf or gRPC status codes.
+
+The interceptor parses request bodies itself, so that a corrupt body or invalid UTF-8 is INVALID_ARGUMENT
+and counted like any other refusal; grpc's own limit on concurrent RPCs (a little above --max-streams)
+answers RESOURCE_EXHAUSTED where a backlog would otherwise end calls as CANCELLED.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import threading
@@ -12,22 +17,23 @@ import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
 from export.runtime import Runtime
 from protos.charrnn.v1 import charrnn_pb2 as pb
 from protos.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.backends import BackendError, load_runtimes
+from serve.backends import MODEL_FILES, BackendError, find_models, open_runtimes, resolve_providers
 from serve.config import ServerConfig, parse_args
 from serve.engine import Engine
-from serve.errors import status_code
+from serve.errors import InvalidArgument, status_code
 from serve.metrics import Metrics
 from serve.types import Chunk, FinishReason, GenerateRequest, ModelInfo, Prediction, PredictRequest, SessionState
-from serve.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "charrnn.v1.Generator"
+OTHER_RPCS = 64  # grpc's limit on concurrent RPCs is --max-streams and these (health, ListModels, reflection)
 
 # protobuf <-> serve.types
 
@@ -100,16 +106,20 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or not details.method.startswith(f"/{SERVICE}/"):
             return handler
         method = details.method.rsplit("/", 1)[1]
-        io = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
+        io = {"response_serializer": handler.response_serializer}  # requests come as bytes: parsed below
+        parse = handler.request_deserializer
         if handler.unary_stream:  # Generate writes its messages (context.write): a coroutine too, no generator
-            return grpc.unary_stream_rpc_method_handler(self._wrap(method, handler.unary_stream), **io)
-        return grpc.unary_unary_rpc_method_handler(self._wrap(method, handler.unary_unary), **io)
+            return grpc.unary_stream_rpc_method_handler(self._wrap(method, handler.unary_stream, parse), **io)
+        return grpc.unary_unary_rpc_method_handler(self._wrap(method, handler.unary_unary, parse), **io)
 
-    def _wrap(self, method, behaviour):
-        async def wrapper(request, context):
+    def _wrap(self, method, behaviour, parse):
+        async def wrapper(body, context):
             code = grpc.StatusCode.OK
             try:
+                try:
+                    request = parse(body)
+                except DecodeError:  # a corrupt body, or a string field that is not UTF-8
+                    raise InvalidArgument(f"the {method} request is not a valid protobuf message") from None
                 return await behaviour(request, context)
             except asyncio.CancelledError:
                 code = _cancel_code(context)
@@ -144,31 +154,33 @@ class StartError(Exception):
 class Server:
     """A running server: `await start()`, then `await drain_and_stop()` (what SIGTERM does)."""
 
-    def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None):
-        """Models are opened in cfg.workers worker processes, or in this process when that is 0 or when
-        `runtimes` (already open) are given."""
+    def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None, opener=open_runtimes):
+        """Models are opened by opener(paths, backend, providers, threads) in cfg.workers worker processes, or in
+        this process when that is 0; `runtimes` (already open) are served in this process."""
         self.cfg = cfg
-        pool = None
-        if runtimes is None and cfg.workers:
-            pool = WorkerPool(cfg.models, cfg.backend, cfg.providers, cfg.threads, cfg.workers,
-                              cfg.scheduler_settings())
-            models = pool.cards
-        else:
-            models = runtimes if runtimes is not None else load_runtimes(cfg.models, cfg.backend, cfg.providers,
-                                                                          cfg.threads)
-        self.models = list(models)
         self.metrics = Metrics()
-        self.engine = Engine(models, cfg, self.metrics, pool)
+        if runtimes is None:
+            providers = resolve_providers(cfg.backend, cfg.providers)  # a bad backend or provider fails at once
+            paths = _find_models(cfg.models, cfg.backend)
+            if not cfg.workers:
+                runtimes = opener(paths, cfg.backend, providers, cfg.threads)
+            opener = functools.partial(_opener, opener, cfg.backend, providers, cfg.threads)
+        try:
+            self.engine = Engine(cfg, self.metrics, runtimes, opener, None if runtimes else paths)
+        except RuntimeError as e:  # a worker could not open its models
+            raise BackendError(str(e)) from None
         self.health = health.aio.HealthServicer()
         self.port = self.metrics_port = None
         self._grpc: grpc.aio.Server | None = None
         self._hurry = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._down: set[str] = set()  # models that cannot serve now
 
     async def start(self) -> "Server":
         # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it
         server = self._grpc = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics)],
-                                              options=[("grpc.so_reuseport", 0)])
+                                              options=[("grpc.so_reuseport", 0)],
+                                              maximum_concurrent_rpcs=self.cfg.max_streams + OTHER_RPCS)
         pb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self.engine), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
@@ -179,11 +191,12 @@ class Server:
             if self.cfg.metrics_port is not None:
                 self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port)
         except (RuntimeError, OSError) as e:
-            if self.engine.pool:
-                self.engine.pool.close()
+            for link in self.engine.links:
+                getattr(link, "kill", lambda: None)()
             raise StartError(f"cannot listen on {address} (metrics port {self.cfg.metrics_port}): {e}") from None
         await self.engine.start(self._set_health)
         await server.start()
+        self.models = [m.id for m in self.engine.models()]
         for name in ["", SERVICE, *self.models]:  # overall, the service, and each model by id
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %d model(s) (%s) on %s:%d%s", len(self.models), ", ".join(self.models),
@@ -209,16 +222,36 @@ class Server:
         log.info("stopped after %.2f s", time.monotonic() - t0)
 
     def _set_health(self, names: list[str], serving: bool) -> None:
-        """Their worker process has gone, or is back: health says so for each model."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in names:
-            task = asyncio.ensure_future(self.health.set(name, status))
+        """Their worker process has gone, or is back: health says so for each model, and for the server as a
+        whole (NOT_SERVING while any model cannot serve)."""
+        if self.engine.draining:
+            return
+        self._down = self._down - set(names) if serving else self._down | set(names)
+        status = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
+        for name, ok in [*((n, serving) for n in names), *((n, not self._down) for n in ("", SERVICE))]:
+            task = asyncio.ensure_future(self.health.set(name, status[ok]))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
 
     def hurry(self) -> None:
         """Cut a drain's grace period short."""
         self._hurry.set()
+
+
+def _opener(open_fn, backend, providers, threads, paths):
+    """What a worker process calls to open its models (picklable: module-level functions and plain values)."""
+    return functools.partial(open_fn, paths, backend, providers, threads)
+
+
+def _find_models(root, backend: str):
+    """serve.backends.find_models, with a hint when the directory holds models of another backend."""
+    try:
+        return find_models(root, backend)
+    except BackendError as e:
+        for other, name in MODEL_FILES.items():
+            if other != backend and ((root / name).is_file() or any(root.glob(f"*/{name}"))):
+                raise BackendError(f"{e}; it holds {name} files: serve them with --backend {other}") from None
+        raise
 
 
 class BackgroundServer:
@@ -228,12 +261,12 @@ class BackgroundServer:
             stub = clients.api.stub(bg.target)
     """
 
-    def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None):
+    def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None, opener=open_runtimes):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-server", daemon=True)
         self._thread.start()
         try:
-            self.server = self.call(Server(cfg, runtimes).start())
+            self.server = self.call(Server(cfg, runtimes, opener).start())
         except BaseException:
             self._close_loop()
             raise

@@ -7,10 +7,13 @@ tokens before the new prompt, so two 50-character requests in one session equal 
 Entries expire `ttl_s` after their last use and the least recently used is evicted past `capacity`;
 the ids of dropped entries are remembered (as many as `capacity`) so the next request can say why it
 started fresh. A session is checked out while a stream uses it: a second concurrent stream is refused.
-Used from the event loop thread only.
+The cache lives in a worker (serve.worker) beside the runtimes whose state it keeps; its model threads
+share it (a lock). A worker that exits loses its sessions: the front end marks the next request on one
+of them `lost`, and it starts fresh as EXPIRED (NOT_FOUND with require_session).
 """
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,11 +29,14 @@ class Session:
     model: str
     state: object  # runtime state of one stream (opaque)
     pending: np.ndarray  # int64 tokens to feed before the next prompt
+    nbytes: int = 0  # what its state holds (fp32 hidden state: 4 x hidden size x states)
 
 
 class SessionCache:
-    def __init__(self, ttl_s: float, capacity: int, clock=time.monotonic):
-        self.ttl_s, self.capacity, self.clock = ttl_s, capacity, clock
+    def __init__(self, ttl_s: float, capacity: int, clock=time.monotonic, max_bytes: float = float("inf")):
+        self.ttl_s, self.capacity, self.clock, self.max_bytes = ttl_s, capacity, clock, max_bytes
+        self.nbytes = 0  # of the live entries' states
+        self.lock = threading.Lock()  # held by callers around checkout/checkin (the worker's model threads)
         self._live: OrderedDict[str, tuple[Session, float]] = OrderedDict()  # id -> (session, expiry); LRU first
         self._gone: OrderedDict[str, SessionState] = OrderedDict()  # id -> EXPIRED | EVICTED
         self._busy: set[str] = set()
@@ -39,8 +45,10 @@ class SessionCache:
         self._expire()
         return len(self._live)
 
-    def checkout(self, sid: str, model: str, required: bool = False) -> tuple[Session | None, SessionState]:
-        """Take the session for one stream: (its state or None when starting fresh, what happened)."""
+    def checkout(self, sid: str, model: str, required: bool = False,
+                 lost: bool = False) -> tuple[Session | None, SessionState]:
+        """Take the session for one stream: (its state or None when starting fresh, what happened).
+        lost: the front end knows its state was lost with a worker process that exited."""
         if sid in self._busy:
             raise SessionBusy(f"session {sid!r} is in use by another stream")
         self._expire()
@@ -48,14 +56,16 @@ class SessionCache:
         if entry is not None and entry[0].model != model:
             raise InvalidArgument(f"session {sid!r} holds the state of model {entry[0].model!r}, not {model!r}")
         if entry is None:
-            why = self._gone.get(sid, SessionState.NEW)
+            why = self._gone.get(sid, SessionState.EXPIRED if lost else SessionState.NEW)
             if required:
                 detail = {SessionState.NEW: "does not exist", SessionState.EXPIRED: "has expired",
                           SessionState.EVICTED: "was evicted"}[why]
+                detail = "was lost: the worker process that held it exited" if lost else detail
                 raise NotFound(f"session {sid!r} {detail}")
             self._busy.add(sid)
             return None, why
         del self._live[sid]
+        self.nbytes -= entry[0].nbytes
         self._busy.add(sid)
         return entry[0], SessionState.CONTINUED
 
@@ -66,8 +76,10 @@ class SessionCache:
             return
         self._gone.pop(sid, None)
         self._live[sid] = (session, self.clock() + self.ttl_s)
-        while len(self._live) > self.capacity:
-            old, _ = self._live.popitem(last=False)
+        self.nbytes += session.nbytes
+        while len(self._live) > self.capacity or (self.nbytes > self.max_bytes and len(self._live) > 1):
+            old, (gone, _) = self._live.popitem(last=False)
+            self.nbytes -= gone.nbytes
             self._forget(old, SessionState.EVICTED)
 
     def _expire(self) -> None:
@@ -76,7 +88,7 @@ class SessionCache:
             sid, (_, expiry) = next(iter(self._live.items()))
             if expiry > now:  # entries are in last-use order, so the rest expire later
                 break
-            del self._live[sid]
+            self.nbytes -= self._live.pop(sid)[0].nbytes
             self._forget(sid, SessionState.EXPIRED)
 
     def _forget(self, sid: str, why: SessionState) -> None:

@@ -1,0 +1,126 @@
+"""The messages between the front end and a worker: plain dataclasses, a list of them per turn.
+
+front end -> worker: Submit, Predict, Credit, Cancel, Stop (a list per turn of the event loop)
+worker -> front end: Ready (once), Generations (one per model step: every stream's text of the step)
+
+Between processes each list (or Generations) is pickled once, behind a 4-byte length. Hidden state is
+in none of them: it stays in the worker (serve.worker).
+"""
+from __future__ import annotations
+
+import pickle
+import struct
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from serve.errors import ServeError
+from serve.types import FinishReason, GenerateRequest, GenerateStats, ModelInfo, Prediction
+
+
+@dataclass
+class Submit:
+    id: int
+    model: str
+    req: GenerateRequest  # defaults resolved (seed, max_chars, chunk_chars)
+    prompt: np.ndarray  # int64 tokens of req.prompt
+    credit: int  # messages the stream may send before it hears more (Credit)
+    arrived: float  # time.perf_counter() at the request's arrival
+    lost: bool = False  # its session's state was lost with a worker that exited
+
+
+@dataclass
+class Predict:
+    id: int
+    model: str
+    tokens: np.ndarray
+    top_k: int
+
+
+@dataclass
+class Credit:
+    id: int
+    model: str
+    n: int  # more messages it may send: its client has taken n
+
+
+@dataclass
+class Cancel:
+    id: int
+    model: str
+
+
+@dataclass
+class Stop:
+    pass
+
+
+@dataclass
+class Ready:
+    models: dict[str, ModelInfo] | None  # None: the worker could not open them (error says why)
+    error: str = ""
+
+
+@dataclass
+class Generations:
+    """A model's step: texts[i] is the next message of stream ids[i]; `ends` close streams (with their finish
+    and stats), `errors` fail them ((exception class name, message)), `predictions` answer Predict calls."""
+
+    model: str
+    ids: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    ends: dict[int, tuple[FinishReason, GenerateStats, bool]] = field(default_factory=dict)  # bool: session stored
+    errors: dict[int, tuple[str, str]] = field(default_factory=dict)
+    predictions: dict[int, list[Prediction]] = field(default_factory=dict)
+    metrics: tuple | None = None  # serve.metrics.ModelMetrics.snapshot()
+    sessions: int | None = None  # sessions the worker holds
+
+    def __bool__(self) -> bool:
+        return bool(self.ids or self.errors or self.predictions or self.metrics is not None)
+
+
+def error_of(exc: BaseException) -> tuple[str, str]:
+    """An exception as it travels: our own by class name, anything else as an internal error."""
+    name = type(exc).__name__
+    return (name, str(exc)) if name in _ERRORS else ("Exception", f"{name}: {exc}")
+
+
+def exception_of(error: tuple[str, str]) -> Exception:
+    return _ERRORS.get(error[0], Exception)(error[1])
+
+
+def _subclasses(cls):
+    return [cls] + [s for c in cls.__subclasses__() for s in _subclasses(c)]
+
+
+_ERRORS = {c.__name__: c for c in _subclasses(ServeError)}
+_HEADER = struct.Struct("!I")
+
+
+def frame(obj) -> bytes:
+    data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(data)) + data
+
+
+def read_frame(f):
+    """The next object from a blocking binary file; EOFError once the other end has closed."""
+    header = f.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise EOFError
+    data = f.read(_HEADER.unpack(header)[0])
+    if len(data) < _HEADER.unpack(header)[0]:
+        raise EOFError
+    return pickle.loads(data)
+
+
+def unframe(buf: bytearray) -> list:
+    """The whole objects at the start of buf (removed from it)."""
+    out, start, size = [], 0, _HEADER.size
+    while len(buf) - start >= size:
+        (n,) = _HEADER.unpack_from(buf, start)
+        if len(buf) - start - size < n:
+            break
+        out.append(pickle.loads(memoryview(buf)[start + size:start + size + n]))
+        start += size + n
+    del buf[:start]
+    return out

@@ -99,6 +99,15 @@ def test_unservable_model_directories_are_clear_errors(tmp_path, caplog):
         BackgroundServer(ServerConfig(models=tmp_path / "broken", port=0, workers=1))
 
 
+def test_a_directory_of_exports_without_backend_hints_at_it(tmp_path, caplog):
+    """python -m serve --models exports (ONNX files, not checkpoints) without --backend says which backend."""
+    model = tmp_path / "exports" / "lstm-h8-fc1-s1"
+    model.mkdir(parents=True)
+    (model / "model.onnx").write_bytes(b"not read: the hint comes from the file's name")
+    assert main(["--models", str(tmp_path / "exports")]) == 2
+    assert "--backend onnxruntime" in caplog.text
+
+
 def test_tensorrt_backend_without_tensorrt_says_so(tmp_path):
     if importlib.util.find_spec("tensorrt") is not None and torch.cuda.is_available():
         pytest.skip("TensorRT and a GPU are present")

@@ -58,7 +58,9 @@ class _Link:
     def take_lost(self, session_id: str) -> bool:
         """Whether the session's state was lost with a worker that died (said once)."""
         self._stored.pop(session_id, None)  # checked out: stored again when its stream ends
-        return self._lost.pop(session_id, 0) is None
+        lost = session_id in self._lost
+        self._lost.pop(session_id, None)
+        return lost
 
     def _forget_sessions(self) -> None:
         self._lost.update(self._stored)

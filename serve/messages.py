@@ -89,11 +89,7 @@ def exception_of(error: tuple[str, str]) -> Exception:
     return _ERRORS.get(error[0], Exception)(error[1])
 
 
-def _subclasses(cls):
-    return [cls] + [s for c in cls.__subclasses__() for s in _subclasses(c)]
-
-
-_ERRORS = {c.__name__: c for c in _subclasses(ServeError)}
+_ERRORS = {c.__name__: c for c in (ServeError, *ServeError.__subclasses__())}
 _HEADER = struct.Struct("!I")
 
 
@@ -105,21 +101,17 @@ def frame(obj) -> bytes:
 def read_frame(f):
     """The next object from a blocking binary file; EOFError once the other end has closed."""
     header = f.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        raise EOFError
-    data = f.read(_HEADER.unpack(header)[0])
-    if len(data) < _HEADER.unpack(header)[0]:
+    data = f.read(_HEADER.unpack(header)[0]) if len(header) == _HEADER.size else b""
+    if not data:
         raise EOFError
     return pickle.loads(data)
 
 
 def unframe(buf: bytearray) -> list:
-    """The whole objects at the start of buf (removed from it)."""
+    """The whole objects at the start of buf (taken out of it)."""
     out, start, size = [], 0, _HEADER.size
-    while len(buf) - start >= size:
-        (n,) = _HEADER.unpack_from(buf, start)
-        if len(buf) - start - size < n:
-            break
+    while len(buf) - start >= size and len(buf) - start - size >= _HEADER.unpack_from(buf, start)[0]:
+        n = _HEADER.unpack_from(buf, start)[0]
         out.append(pickle.loads(memoryview(buf)[start + size:start + size + n]))
         start += size + n
     del buf[:start]

@@ -1,15 +1,14 @@
 """The model side: a worker owns its runtimes, each model's running batch and the session state cache.
 
-A worker runs one thread per model (the only caller of its `runtime.step`). It takes the front end's
-messages (serve.messages) and answers each step with one `Generations`. Hidden state never leaves it:
-streams start from a session's state here and leave theirs here. The same `Worker` runs in a process of
-its own (`worker_main`, one socket to the front end) or, with `--workers 0`, in the server's process.
+One thread per model (the only caller of its `runtime.step`) takes the front end's messages and answers
+each turn with one `Generations`. Hidden state never leaves the worker: streams start from a session's
+state here and leave theirs here. The same `Worker` runs in a process of its own (`worker_main`, a socket
+to the front end) or, with `--workers 0`, in the server's process.
 
-Each model thread, every turn: take the messages that came (submit, predict, credit, cancel); admit
-waiting streams while the batch has room (`max_batch`); feed one chunk (`prefill_chunk`) of every
-prompt, batched by length; move prompts down to their last token into the batch; run `Batch.step`;
-send the step's generations. A stream that has used its credit leaves the batch with its state
-(parked) and rejoins when credit comes: a client that stops reading holds up no one.
+A turn: take the messages that came; admit waiting streams while the batch has room (`max_batch`); feed
+one chunk (`prefill_chunk`) of every prompt, batched by length; prompts down to their last token join the
+batch; `Batch.step`. A stream that has used its credit leaves the batch with its state (parked) and
+rejoins when credit comes, so a client that stops reading holds up no one.
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ import numpy as np
 
 from serve.batch import Batch, Prefilled, Row
 from serve.errors import NotFound, Unavailable
-from serve.messages import (Cancel, Credit, Generations, Predict, Ready, Stop, Submit, error_of, frame, read_frame)
+from serve.messages import Cancel, Credit, Generations, Predict, Ready, Stop, Submit, error_of, frame, read_frame
 from serve.metrics import ModelMetrics
 from serve.sessions import Session, SessionCache
 from serve.types import ModelInfo, Prediction, SessionState
@@ -36,49 +35,38 @@ METRICS_EVERY_S = 0.1  # a model's metrics go with its generations this often, a
 
 
 @dataclass
-class _Waiting:
+class _Entry:
     """A stream before it joins the batch: the tokens it still has to feed, from this state."""
 
     msg: Submit
     tokens: np.ndarray
     state: object
-    session: Session | None  # the session it continues (its state back in the cache if the stream fails)
     how: SessionState
-    credit: int
 
 
 class ModelLoop:
     def __init__(self, name: str, runtime, sessions: SessionCache, emit, max_batch: int, prefill_chunk: int):
         self.name, self.rt, self.sessions, self.emit = name, runtime, sessions, emit
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
-        self.metrics = ModelMetrics()
-        self.state_bytes = 4 * runtime.hidden_size * runtime.num_states
-        self._inbox: list = []
-        self._cv = threading.Condition()
-        self.waiting: deque[_Waiting] = deque()
-        self.prefilling: list[_Waiting] = []
+        self.metrics, self.state_bytes = ModelMetrics(), 4 * runtime.hidden_size * runtime.num_states
+        self.waiting: deque[_Entry] = deque()
+        self.prefilling: list[_Entry] = []
         self.batch: Batch | None = None
         self.parked: dict[int, Batch] = {}  # one-row batches without credit
-        self._grants: dict[int, int] = defaultdict(int)  # credit for rows of the batch, applied before a step
-        self._restore: dict[int, Session | None] = {}  # id -> the session a batch row continued (back if it fails)
+        self.credit: dict[int, int] = defaultdict(int)  # granted to streams not in the batch yet (or this turn)
+        self.live: dict[int, tuple[str, Session | None]] = {}  # id -> its session id and the session it continues
+        self._inbox, self._cv = [], threading.Condition()
         self._active, self._metrics_at = 0, 0.0
         self._thread = threading.Thread(target=self._run, name=f"model:{name}", daemon=True)
-
-    def start(self) -> "ModelLoop":
         self._thread.start()
-        return self
 
     def post(self, msgs: list) -> None:
         with self._cv:
             self._inbox += msgs
             self._cv.notify()
 
-    def join(self) -> None:
-        self._thread.join()
-
-    @property
-    def active(self) -> int:
-        return len(self.waiting) + len(self.prefilling) + len(self.batch or ()) + len(self.parked)
+    def _room(self) -> int:
+        return self.max_batch - len(self.prefilling) - len(self.batch or ())
 
     def _run(self) -> None:
         while True:
@@ -92,27 +80,20 @@ class ModelLoop:
                 self._take(msgs, out)
                 if stop:
                     self._fail_all(Unavailable("the server stopped"), out)
-                else:
-                    self._turn(out)
+                self._turn(out)
             except Exception as exc:  # a backend failure ends this model's streams, not the server
-                log.exception("%s: step failed; ending its %d streams", self.name, self.active)
+                log.exception("%s: step failed; ending its %d streams", self.name, len(self.live))
                 self._fail_all(exc, out)
-            self._send(out)
+            now = time.monotonic()
+            if len(self.live) != self._active or out.ends or out.errors or now - self._metrics_at >= METRICS_EVERY_S:
+                self._active, self._metrics_at = len(self.live), now
+                self.metrics.active.set(len(self.live) - len(self.waiting))
+                self.metrics.queued.set(len(self.waiting))
+                out.metrics, out.sessions = self.metrics.snapshot(), len(self.sessions)
+            if out:
+                self.emit(out)
             if stop:
                 return
-
-    def _room(self) -> int:
-        return self.max_batch - len(self.prefilling) - len(self.batch or ())
-
-    def _send(self, out: Generations) -> None:
-        now = time.monotonic()
-        if self.active != self._active or out.ends or out.errors or now - self._metrics_at >= METRICS_EVERY_S:
-            self._active, self._metrics_at = self.active, now
-            self.metrics.active.set(self.active - len(self.waiting))
-            self.metrics.queued.set(len(self.waiting))
-            out.metrics, out.sessions = self.metrics.snapshot(), len(self.sessions)
-        if out:
-            self.emit(out)
 
     # messages
 
@@ -120,11 +101,15 @@ class ModelLoop:
         for m in msgs:
             kind = type(m)
             if kind is Credit:
-                self._credit(m.id, m.n)
+                if m.id in self.parked:  # back into the batch
+                    self.parked[m.id].cols["credit"] += m.n
+                    self.batch = Batch.concatenate([self.batch, self.parked.pop(m.id)], self.rt)
+                elif m.id in self.live:
+                    self.credit[m.id] += m.n
             elif kind is Submit:
                 self._submit(m, out)
             elif kind is Cancel:
-                self._cancel(m.id)
+                self._end(m.id, cancelled=True)
             elif kind is Predict:
                 try:
                     out.predictions[m.id] = self._predict(m)
@@ -142,40 +127,38 @@ class ModelLoop:
             if len(tokens) == 0:  # the front end refuses an empty prompt without a session_id
                 raise NotFound(f"session {sid!r} has no state to continue ({how.value}): give a prompt")
         except Exception as exc:
-            self._end_session(sid, session)
+            self._checkin(sid, session)
             out.errors[m.id] = error_of(exc)
             return
-        state = session.state if session else self.rt.new_state(1)
-        self.waiting.append(_Waiting(m, tokens, state, session, how, m.credit))
+        self.live[m.id] = (sid, session)
+        self.waiting.append(_Entry(m, tokens, session.state if session else self.rt.new_state(1), how))
 
-    def _credit(self, sid: int, n: int) -> None:
-        parked = self.parked.pop(sid, None)
-        if parked is not None:
-            parked.cols["credit"] += n
-            self.batch = Batch.concatenate([self.batch, parked], self.rt)
+    def _end(self, sid: int, cancelled: bool = False, session: Session | None = None) -> None:
+        """The stream has gone: its session takes the new state, or (cancelled, failed) the one it had before."""
+        if sid not in self.live:
             return
-        for w in self.prefilling:
-            if w.msg.id == sid:
-                w.credit += n
-                return
-        for w in self.waiting:
-            if w.msg.id == sid:
-                w.credit += n
-                return
-        self._grants[sid] += n
+        session_id, before = self.live.pop(sid)
+        self._checkin(session_id, before if cancelled else session)
+        self.credit.pop(sid, None)
+        if cancelled:
+            self.waiting = deque(e for e in self.waiting if e.msg.id != sid)
+            self.prefilling = [e for e in self.prefilling if e.msg.id != sid]
+            self.parked.pop(sid, None)
+            if self.batch is not None and sid in self.batch.ids:
+                self.batch = self.batch.filter([i for i, x in enumerate(self.batch.ids) if x != sid], self.rt)
 
-    def _cancel(self, sid: int) -> None:
-        """Drop the stream wherever it is; its session keeps the state it had before."""
-        for queue in (self.waiting, self.prefilling):
-            for w in list(queue):
-                if w.msg.id == sid:
-                    queue.remove(w)
-                    self._end_session(w.msg.req.session_id, w.session)
-        parked = self.parked.pop(sid, None)
-        if self.batch is not None and sid in self.batch.ids:
-            self._drop_rows([self.batch.ids.index(sid)])
-        for b in ([parked] if parked else []):
-            self._end_session(b.rows[0].req.session_id, self._restore.pop(sid, None))
+    def _checkin(self, session_id: str, session: Session | None) -> None:
+        if session_id:
+            with self.sessions.lock:
+                self.sessions.checkin(session_id, session)
+
+    def _fail_all(self, exc: BaseException, out: Generations) -> None:
+        """End every stream here with exc, sessions as they were before; no runtime call (it may be what failed)."""
+        for sid, (session_id, before) in self.live.items():
+            self._checkin(session_id, before)
+            out.errors[sid] = error_of(exc)
+        self.live, self.waiting, self.prefilling, self.batch, self.parked = {}, deque(), [], None, {}
+        self.credit.clear()
 
     def _predict(self, m: Predict) -> list[Prediction]:
         """A one-shot call on the runtime: the text from a zero state, the top_k next characters."""
@@ -183,8 +166,7 @@ class ModelLoop:
         z = logits[0].astype(np.float64)
         p = np.exp(z - z.max())
         p /= p.sum()
-        order = np.argsort(-p, kind="stable")[: m.top_k]
-        return [Prediction(self.rt.vocab.chars[i], float(p[i])) for i in order.tolist()]
+        return [Prediction(self.rt.vocab.chars[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:m.top_k]]
 
     # a turn: admit, prefill, step
 
@@ -198,97 +180,55 @@ class ModelLoop:
 
     def _prefill(self) -> None:
         """Feed all but the last token of each prompt (a chunk at most per turn), batched by length."""
-        groups: dict[int, list[_Waiting]] = defaultdict(list)
-        for w in self.prefilling:
-            if len(w.tokens) > 1:
-                groups[min(len(w.tokens) - 1, self.prefill_chunk)].append(w)
+        groups: dict[int, list[_Entry]] = defaultdict(list)
+        for e in self.prefilling:
+            if len(e.tokens) > 1:
+                groups[min(len(e.tokens) - 1, self.prefill_chunk)].append(e)
         rt = self.rt
         for n, group in groups.items():
-            _, state = rt.step(np.stack([w.tokens[:n] for w in group]), rt.concat([w.state for w in group]))
-            for i, w in enumerate(group):
-                w.tokens, w.state = w.tokens[n:], rt.take(state, [i])
-        ready = [w for w in self.prefilling if len(w.tokens) == 1]
-        if not ready:
-            return
-        self.prefilling = [w for w in self.prefilling if len(w.tokens) > 1]
-        for w in ready:
-            self._restore[w.msg.id] = w.session
-        rows = [Prefilled(Row(w.msg.id, w.msg.req, w.how, w.msg.arrived), int(w.tokens[0]), w.state, w.credit)
-                for w in ready]
-        self.batch = Batch.concatenate([self.batch, Batch.from_requests(rows, rt)], rt)
+            _, state = rt.step(np.stack([e.tokens[:n] for e in group]), rt.concat([e.state for e in group]))
+            for i, e in enumerate(group):
+                e.tokens, e.state = e.tokens[n:], rt.take(state, [i])
+        ready = [e for e in self.prefilling if len(e.tokens) == 1]
+        if ready:
+            self.prefilling = [e for e in self.prefilling if len(e.tokens) > 1]
+            rows = [Prefilled(Row(e.msg.id, e.msg.req, e.how, e.msg.arrived), int(e.tokens[0]), e.state,
+                              e.msg.credit + self.credit.pop(e.msg.id, 0)) for e in ready]
+            self.batch = Batch.concatenate([self.batch, Batch.from_requests(rows, rt)], rt)
 
     def _step(self, out: Generations) -> None:
-        batch = self.batch
-        if self._grants:
+        batch, credit = self.batch, self.batch.cols["credit"]
+        if self.credit:
             for i, sid in enumerate(batch.ids):
-                if sid in self._grants:
-                    batch.cols["credit"][i] += self._grants.pop(sid)
-            self._grants.clear()  # grants for streams that have gone
-        leaving = []
+                credit[i] += self.credit.pop(sid, 0)
+        leaving = set()
         for i, text, finish, stats in batch.step(self.rt, time.perf_counter, self.metrics):
             sid = batch.ids[i]
             out.ids.append(sid)
             out.texts.append(text)
             if finish is not None:
-                row = batch.rows[i]
-                stored = self._store_session(row, batch, i)
+                stored = bool(batch.rows[i].req.session_id)
+                self._end(sid, session=Session(self.name, self.rt.take(batch.state, [i]),
+                                               batch.cols["next"][i:i + 1].copy(), self.state_bytes) if stored else None)
                 out.ends[sid] = (finish, stats, stored)
-                leaving.append(i)
-            elif batch.cols["credit"][i] <= 0:
+                leaving.add(i)
+            elif credit[i] <= 0:
                 self.parked[sid] = batch.filter([i], self.rt)
-                leaving.append(i)
+                leaving.add(i)
         if leaving:
-            self._drop_rows(leaving, keep_restore=True)
-
-    def _drop_rows(self, rows: list[int], keep_restore: bool = False) -> None:
-        """The batch without these rows; cancelled ones (not keep_restore) give their session back as it was."""
-        batch, gone = self.batch, set(rows)
-        for i in rows:
-            sid = batch.ids[i]
-            if not keep_restore:
-                self._end_session(batch.rows[i].req.session_id, self._restore.pop(sid, None))
-            elif sid not in self.parked:
-                self._restore.pop(sid, None)
-        self.batch = batch.filter([i for i in range(len(batch)) if i not in gone], self.rt)
-
-    def _store_session(self, row: Row, batch: Batch, i: int) -> bool:
-        sid = row.req.session_id
-        if not sid:
-            return False
-        session = Session(self.name, self.rt.take(batch.state, [i]), batch.cols["next"][i:i + 1].copy(),
-                          self.state_bytes)
-        self._end_session(sid, session)
-        return True
-
-    def _end_session(self, sid: str, session: Session | None) -> None:
-        if sid:
-            with self.sessions.lock:
-                self.sessions.checkin(sid, session)
-
-    def _fail_all(self, exc: BaseException, out: Generations) -> None:
-        """End every stream here with exc (their sessions keep the state they had before); no runtime call."""
-        ended = [(w.msg.id, w.msg.req.session_id, w.session) for w in (*self.waiting, *self.prefilling)]
-        for b in [self.batch, *self.parked.values()]:
-            ended += [(r.id, r.req.session_id, self._restore.pop(r.id, None)) for r in (b.rows if b else ())]
-        for sid, session_id, session in ended:
-            self._end_session(session_id, session)
-            out.errors[sid] = error_of(exc)
-        self.waiting, self.prefilling, self.batch, self.parked = deque(), [], None, {}
-        self._grants.clear()
+            self.batch = batch.filter([i for i in range(len(batch)) if i not in leaving], self.rt)
 
 
 class Worker:
     """A worker's models, their loops and sessions. `handle(msgs)` takes the front end's messages; every
-    step's `Generations` goes to `emit` (on the model's thread)."""
+    turn's `Generations` goes to `emit` (on the model's thread)."""
 
     def __init__(self, runtimes: dict, emit, settings: dict):
         self.runtimes = runtimes
         self.sessions = SessionCache(settings["session_ttl_s"], settings["max_sessions"],
                                      max_bytes=settings["max_session_bytes"])
-        self.loops = {}
-        for name, rt in runtimes.items():
-            self.loops[name] = ModelLoop(name, rt, self.sessions, emit, settings["max_batch"],
-                                         settings["prefill_chunk"]).start()
+        self.loops = {name: ModelLoop(name, rt, self.sessions, emit, settings["max_batch"], settings["prefill_chunk"])
+                      for name, rt in runtimes.items()}
 
     def models(self) -> dict[str, ModelInfo]:
         return {name: ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars, rt.backend)
@@ -297,18 +237,15 @@ class Worker:
     def handle(self, msgs: list) -> None:
         by_model: dict[str, list] = defaultdict(list)
         for m in msgs:
-            if type(m) is Stop:
-                for name in self.loops:
-                    by_model[name].append(m)
-            else:
-                by_model[m.model].append(m)
-        for name, batch in by_model.items():
-            self.loops[name].post(batch)
+            for name in (self.loops if type(m) is Stop else (m.model,)):
+                by_model[name].append(m)
+        for name, part in by_model.items():
+            self.loops[name].post(part)
 
     def stop(self) -> None:
         self.handle([Stop()])
         for loop in self.loops.values():
-            loop.join()
+            loop._thread.join()
 
 
 def worker_main(sock: socket.socket, opener, settings: dict) -> None:
@@ -343,7 +280,5 @@ def worker_main(sock: socket.socket, opener, settings: dict) -> None:
         except (EOFError, OSError):
             msgs = [Stop()]
         if any(type(m) is Stop for m in msgs):
-            worker.stop()
-            return
+            return worker.stop()
         worker.handle(msgs)
-

@@ -358,6 +358,8 @@ def test_reflection(server):
 def test_metrics(server, stub):
     run(stub, model=model_name("gru"), prompt="a", max_chars=20)
     code_of(lambda: run(stub, model="nope", prompt="a"))
+    # the count goes up as the handler ends, which can be just after the client has its status
+    assert wait_until(lambda: metric(server, 'charrnn_requests_total{code="NOT_FOUND",method="Generate"}') > 0)
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read().decode()
     for name in ["charrnn_time_to_first_char_seconds_count", "charrnn_inter_char_seconds_bucket",
                  "charrnn_batch_size_count", "charrnn_active_streams", "charrnn_sessions",

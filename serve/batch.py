@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serve.types import FinishReason, GenerateRequest, GenerateStats, SessionState
+from serve.types import CharLogprob, FinishReason, GenerateRequest, GenerateStats, SessionState
 from train.sampling import BatchSampler, Uniforms
 
 
@@ -27,6 +27,11 @@ class Row:
     arrived: float  # time.perf_counter() when the request came in (in the front end's process: same clock)
     first: float = 0.0  # when its first character was sampled
     tail: str = ""  # the last characters, to match stop sequences
+    logprobs: list | None = None  # CharLogprob of the unsent characters, when the request asks (req.logprobs)
+
+    def take_logprobs(self) -> tuple[CharLogprob, ...] | None:
+        out, self.logprobs = self.logprobs, []
+        return tuple(out) if out is not None else None
 
     def match_stop(self, ch: str) -> str | None:
         self.tail = (self.tail + ch)[-max(map(len, self.req.stop)):]
@@ -55,6 +60,7 @@ class Batch:
         self.ids = [r.id for r in rows]
         self.sampler = BatchSampler(cols["temperature"], cols["top_k"], cols["top_p"], rngs, len(chars))
         self.watch = [i for i, r in enumerate(rows) if r.req.stop]  # rows that match stop sequences
+        self.scored = [i for i, r in enumerate(rows) if r.req.logprobs is not None]  # rows that report logprobs
         self.all = np.arange(len(rows))
 
     def __len__(self) -> int:
@@ -97,6 +103,8 @@ class Batch:
         now = now_fn()
         tokens = self.sampler(logits)  # (B,)
         c["next"] = tokens
+        if self.scored:
+            self._score(logits, tokens)
         n_held = c["n_held"]
         self.held[self.all, n_held] = tokens
         n_held += 1
@@ -133,6 +141,26 @@ class Batch:
         n_held[due] = 0
         c["credit"][due] -= 1
         return out
+
+    def _score(self, logits: np.ndarray, tokens: np.ndarray) -> None:
+        """For the rows that ask only: the sampled character's log-probability and the top n (the model's own
+        distribution, before temperature, top-k and top-p), kept with the row until its message goes."""
+        idx = self.scored
+        z = logits[idx].astype(np.float64)  # (R, V)
+        z -= z.max(axis=1, keepdims=True)
+        lp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        n = max(self.rows[i].req.logprobs for i in idx)
+        top = np.argsort(-lp, axis=1, kind="stable")[:, :n]  # (R, n)
+        top_lp = np.take_along_axis(lp, top, axis=1).tolist()
+        chosen = lp[np.arange(len(idx)), tokens[idx]].tolist()
+        chars = self.chars
+        for j, (i, best) in enumerate(zip(idx, top.tolist())):
+            row = self.rows[i]
+            if row.logprobs is None:
+                row.logprobs = []
+            k = row.req.logprobs
+            row.logprobs.append(CharLogprob(chars[tokens[i]], chosen[j],
+                                            tuple(zip([chars[t] for t in best[:k]], top_lp[j][:k]))))
 
     def _stats(self, i: int, now: float, stop: str) -> GenerateStats:
         row, n = self.rows[i], int(self.cols["generated"][i])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
@@ -21,7 +22,14 @@ class ServerConfig:
     threads: int = _opt(0, "intra-op threads: per model (onnxruntime), per process (torch); 0: the library's default")
     host: str = _opt("127.0.0.1", "address to bind; loopback unless asked otherwise")
     port: int = _opt(50051, "gRPC port; 0 picks a free one (logged)")
-    metrics_port: int | None = _opt(None, "Prometheus /metrics port; 0 picks a free one; unset: no endpoint")
+    http_port: int = _opt(8000, "HTTP port: OpenAI-compatible /v1/completions and /v1/models, /health, /metrics "
+                                "and the playground at /; 0: no HTTP")
+    metrics_port: int | None = _opt(None, "a second HTTP port with only /metrics and /health, open even with "
+                                          "--api-key (for a scraper); 0 picks a free one; unset: none")
+    api_key: str = field(default="", repr=False, metadata={  # never in a log line
+        "help": "when set (or $CHARRNN_API_KEY, better: not in the process list), requests need it: HTTP "
+                "'Authorization: Bearer KEY', gRPC the same in their metadata; health stays open"})
+    cors_origin: str = _opt("", "an origin allowed to call the HTTP API from a browser ('*': any); unset: none")
     workers: int = _opt(1, "worker processes that step the models (models are spread over them), so that steps "
                            "and the gRPC event loop do not share one interpreter lock; 0: threads of this process")
     max_batch: int = _opt(64, "streams stepped together in one backend call, per model")
@@ -49,6 +57,7 @@ class ServerConfig:
 
     def __post_init__(self):
         self.models = Path(self.models)
+        self.api_key = self.api_key or os.environ.get("CHARRNN_API_KEY", "")
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; expected one of {', '.join(BACKENDS)}")
         positive = ("max_batch", "max_streams", "max_prompt_chars", "max_chars", "default_chars", "max_top_k",
@@ -58,6 +67,8 @@ class ServerConfig:
         if bad:
             raise ValueError(f"must be >= 1: {', '.join(bad)}")
         self.default_chars = min(self.default_chars, self.max_chars)
+        if not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port must be a port number (0: no HTTP), not {self.http_port}")
         if min(self.session_ttl_s, self.stall_timeout_s, self.max_session_mb) <= 0 or self.grace_s < 0 \
                 or self.workers < 0:
             raise ValueError("session_ttl_s, stall_timeout_s and max_session_mb must be > 0, grace_s and workers >= 0")
@@ -69,7 +80,7 @@ class ServerConfig:
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
-    ap = argparse.ArgumentParser(prog="python -m serve", description="charrnn gRPC generation server",
+    ap = argparse.ArgumentParser(prog="python -m serve", description="charrnn generation server (gRPC and HTTP)",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in fields(ServerConfig):
         flag = "--" + f.name.replace("_", "-")

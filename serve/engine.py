@@ -33,6 +33,23 @@ from train.vocab import Vocab
 log = logging.getLogger(__name__)
 
 PREDICT_TOP_K = 5  # Predict's top_k when the request leaves it 0
+MAX_LOGPROBS = 5  # OpenAI's cap on a completion's logprobs
+
+
+def _merge(items: list) -> Chunk:
+    """Queued messages of a stream (str, or Chunk when they carry logprobs) as one: texts and logprobs joined,
+    the finish and stats of the last."""
+    if len(items) == 1 and type(items[0]) is Chunk:
+        return items[0]
+    texts, logprobs = [], []
+    for item in items:
+        if type(item) is str:
+            texts.append(item)
+        else:
+            texts.append(item.text)
+            logprobs.extend(item.logprobs or ())
+    last = items[-1] if type(items[-1]) is Chunk else Chunk("")
+    return Chunk("".join(texts), last.finish_reason, last.stats, tuple(logprobs) if logprobs else None)
 
 
 def shown(text: str, limit: int = 64) -> str:
@@ -125,7 +142,7 @@ class Engine:
 
     def _dispatch(self, g: Generations) -> None:
         """A model's step, from its worker: each text into its stream's queue."""
-        streams, ends = self.streams, g.ends
+        streams, ends, logprobs = self.streams, g.ends, g.logprobs
         for sid, text in zip(g.ids, g.texts):
             s = streams.get(sid)
             if s is None:  # cancelled meanwhile
@@ -135,7 +152,9 @@ class Engine:
                 if stored:
                     s.link.stored(s.session_id)
                 s.ended = True
-                s.put(Chunk(text, finish, stats))
+                s.put(Chunk(text, finish, stats, logprobs.get(sid)))
+            elif logprobs and sid in logprobs:
+                s.put(Chunk(text, logprobs=logprobs[sid]))
             else:
                 s.put(text)
         for sid, error in g.errors.items():
@@ -174,20 +193,20 @@ class Engine:
                 link.send(Submit(s.id, req.model, req, prompt, self.cfg.max_unsent, arrived,
                                  link.take_lost(req.session_id)))
                 every = max(1, self.cfg.max_unsent // 4)
+                scored = req.logprobs is not None  # its messages are Chunks (text and logprobs), not str
                 while True:
                     items = await s.take(req.coalesce)
                     last = items[-1]
                     if isinstance(last, Exception):
                         if len(items) > 1:  # what came before the error still goes out
-                            yield Chunk("".join(items[:-1]))
+                            yield _merge(items[:-1])
                         raise last
-                    if type(last) is Chunk:
+                    if type(last) is Chunk and last.stats is not None:
                         release()  # the client may send its next request as soon as it has this message
-                        yield last if len(items) == 1 else Chunk("".join(items[:-1]) + last.text, last.finish_reason,
-                                                                 last.stats)
+                        yield last if len(items) == 1 else _merge(items)
                         return
                     s.writing_since = time.monotonic()
-                    yield Chunk(items[0] if len(items) == 1 else "".join(items))
+                    yield _merge(items) if scored else Chunk(items[0] if len(items) == 1 else "".join(items))
                     s.writing_since = None
                     s.granted += len(items)
                     if s.granted >= every:
@@ -265,6 +284,8 @@ class Engine:
             if not s:
                 raise InvalidArgument("a stop sequence is empty")
             self._check_length("a stop sequence", s, c.max_stop_chars)
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+            raise InvalidArgument(f"logprobs must be between 0 and {MAX_LOGPROBS}, not {req.logprobs}")
         if req.require_session and not req.session_id:
             raise InvalidArgument("require_session needs a session_id")
         if not req.prompt and not req.session_id:

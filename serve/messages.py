@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serve.errors import ServeError
-from serve.types import FinishReason, GenerateRequest, GenerateStats, ModelInfo, Prediction
+from serve.types import CharLogprob, FinishReason, GenerateRequest, GenerateStats, ModelInfo, Prediction
 
 
 @dataclass
@@ -72,6 +72,7 @@ class Generations:
     ends: dict[int, tuple[FinishReason, GenerateStats, bool]] = field(default_factory=dict)  # bool: session stored
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)
     predictions: dict[int, list[Prediction]] = field(default_factory=dict)
+    logprobs: dict[int, tuple[CharLogprob, ...]] = field(default_factory=dict)  # of texts[i], streams that ask
     metrics: tuple | None = None  # serve.metrics.ModelMetrics.snapshot()
     sessions: int | None = None  # sessions the worker holds
 

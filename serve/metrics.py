@@ -10,7 +10,7 @@ import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -107,18 +107,6 @@ class Metrics:
                                 ["method", "code"], registry=r)
         self.stalled = Counter("charrnn_stalled_streams", "Streams ended because their client took no message "
                                                           "for --stall-timeout-s", registry=r)
-        self._http = None
 
     def model(self, model_id: str) -> ModelMetrics:
         return self.models.setdefault(model_id, ModelMetrics())
-
-    def serve_http(self, host: str, port: int) -> int:
-        """Serve /metrics; returns the bound port (port 0 picks one)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None

@@ -1,6 +1,6 @@
-"""The gRPC edge: the Generator servicer, protobuf <-> serve.types, the error interceptor, health,
-reflection, metrics, and the process's lifecycle (`python -m serve`). Nothing below this module sees
-protobuf or gRPC status codes.
+"""The gRPC edge: the Generator servicer, protobuf <-> serve.types, the error and API-key interceptors, health,
+reflection, and the process's lifecycle (`python -m serve`, which also runs the HTTP edge, serve.http, on the
+same loop and engine). Nothing below this module sees protobuf or gRPC status codes.
 
 The interceptor parses request bodies itself, so that a corrupt body or invalid UTF-8 is INVALID_ARGUMENT
 and counted like any other refusal; a burst of calls waits in grpc's backlog (see PENDING_OPTIONS) instead
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import logging
 import signal
 import threading
@@ -27,6 +28,7 @@ from serve.backends import MODEL_FILES, BackendError, find_models, open_runtimes
 from serve.config import ServerConfig, parse_args
 from serve.engine import Engine
 from serve.errors import InvalidArgument, status_code
+from serve.http import HttpFront
 from serve.metrics import Metrics
 from serve.types import Chunk, FinishReason, GenerateRequest, ModelInfo, Prediction, PredictRequest, SessionState
 
@@ -147,6 +149,34 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         await context.abort(code, str(e))
 
 
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """With --api-key: every call but health checks needs `authorization: Bearer KEY` in its metadata
+    (UNAUTHENTICATED, counted, otherwise)."""
+
+    OPEN = "/grpc.health.v1.Health/"
+
+    def __init__(self, key: str, metrics: Metrics):
+        self.expected, self.requests = f"Bearer {key}".encode(), metrics.requests
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.OPEN):
+            return handler
+        given = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected):
+            return handler
+        method = details.method.rsplit("/", 1)[1]
+
+        async def deny(request, context):
+            if details.method.startswith(f"/{SERVICE}/"):
+                self.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required: metadata "
+                                                                 "'authorization: Bearer KEY'")
+        kind = ("unary_unary" if handler.unary_unary else "unary_stream" if handler.unary_stream else
+                "stream_unary" if handler.stream_unary else "stream_stream")
+        return getattr(grpc, f"{kind}_rpc_method_handler")(deny)
+
+
 def _cancel_code(context) -> grpc.StatusCode:
     """A client's own deadline timer can cancel the call (RST_STREAM) a moment before the server's runs out."""
     remaining = context.time_remaining()
@@ -178,7 +208,8 @@ class Server:
         except RuntimeError as e:  # a worker could not open its models
             raise BackendError(str(e)) from None
         self.health = health.aio.HealthServicer()
-        self.port = self.metrics_port = None
+        self.http = HttpFront(cfg, self.engine, self.metrics, self._http_health)
+        self.port = self.http_port = self.metrics_port = None
         self._grpc: grpc.aio.Server | None = None
         self._hurry = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -186,7 +217,8 @@ class Server:
 
     async def start(self) -> "Server":
         # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it
-        server = self._grpc = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics)],
+        auth = [AuthInterceptor(self.cfg.api_key, self.metrics)] if self.cfg.api_key else []
+        server = self._grpc = grpc.aio.server(interceptors=[*auth, StatusInterceptor(self.metrics)],
                                               options=[("grpc.so_reuseport", 0), *PENDING_OPTIONS],
                                               maximum_concurrent_rpcs=self.cfg.max_streams + OTHER_RPCS)
         pb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self.engine), server)
@@ -196,19 +228,23 @@ class Server:
         address = f"{self.cfg.host}:{self.cfg.port}"
         try:
             self.port = server.add_insecure_port(address)
-            if self.cfg.metrics_port is not None:
-                self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port)
+            self.http_port, self.metrics_port = await self.http.start()
         except (RuntimeError, OSError) as e:
+            await self.http.stop()
             for link in self.engine.links:
                 getattr(link, "kill", lambda: None)()
-            raise StartError(f"cannot listen on {address} (metrics port {self.cfg.metrics_port}): {e}") from None
+            raise StartError(f"cannot listen on {address} (HTTP port {self.cfg.http_port}, metrics port "
+                             f"{self.cfg.metrics_port}): {e}") from None
         await self.engine.start(self._set_health)
         await server.start()
+        self.http.ready = True
         self.models = [m.id for m in self.engine.models()]
         for name in ["", SERVICE, *self.models]:  # overall, the service, and each model by id
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %d model(s) (%s) on %s:%d%s", len(self.models), ", ".join(self.models),
-                 self.cfg.host, self.port, f"; metrics on :{self.metrics_port}" if self.metrics_port else "")
+        log.info("serving %d model(s) (%s) on %s:%d (gRPC)%s%s%s", len(self.models), ", ".join(self.models),
+                 self.cfg.host, self.port, f", HTTP on :{self.http_port}" if self.http_port else "",
+                 f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+                 " (API key required)" if self.cfg.api_key else "")
         return self
 
     async def drain_and_stop(self, grace_s: float | None = None) -> None:
@@ -225,8 +261,8 @@ class Server:
         if self.engine.in_flight:
             log.warning("cancelling %d request(s) still in flight", self.engine.in_flight)
         await self._grpc.stop(0)
+        await self.http.stop()
         await self.engine.stop()
-        self.metrics.close()
         log.info("stopped after %.2f s", time.monotonic() - t0)
 
     def _set_health(self, names: list[str], serving: bool) -> None:
@@ -240,6 +276,12 @@ class Server:
             task = asyncio.ensure_future(self.health.set(name, status[ok]))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
+
+    def _http_health(self) -> tuple[bool, str]:
+        """For /health: 200 while serving; 503 while draining or while a model cannot serve."""
+        if self.engine.draining:
+            return False, "draining"
+        return (False, "not serving: " + ", ".join(sorted(self._down))) if self._down else (True, "serving")
 
     def hurry(self) -> None:
         """Cut a drain's grace period short."""

@@ -206,6 +206,8 @@ class ModelLoop:
             sid = batch.ids[i]
             out.ids.append(sid)
             out.texts.append(text)
+            if batch.rows[i].logprobs is not None:
+                out.logprobs[sid] = batch.rows[i].take_logprobs()
             if finish is not None:
                 stored = bool(batch.rows[i].req.session_id)
                 self._end(sid, session=Session(self.name, self.rt.take(batch.state, [i]),

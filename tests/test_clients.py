@@ -22,7 +22,7 @@ from train.sampling import generate
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     ckpt = make_checkpoint(root, cell="lstm", hidden=16)
-    with BackgroundServer(ServerConfig(models=root, port=0)) as bg:
+    with BackgroundServer(ServerConfig(models=root, port=0, http_port=0)) as bg:
         yield bg, load_checkpoint(ckpt)
 
 

@@ -115,7 +115,7 @@ def server(models_dir, request):
     process (--workers 0); and against a worker process whose runtime's state refuses to be pickled (GPU-safe
     by construction: state never leaves the worker, not for sessions, not at the end of a stream)."""
     sealed = request.param == "sealed"
-    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_chars=2000, workers=1 if sealed else request.param)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, metrics_port=0, max_chars=2000, workers=1 if sealed else request.param)
     with BackgroundServer(cfg, opener=open_sealed if sealed else serve.server.open_runtimes) as bg:
         yield bg
 
@@ -188,7 +188,7 @@ def test_coalesced_messages_carry_what_was_ready_with_the_same_text(server, eage
 def test_coalescing_streams_all_get_their_text_and_a_stalled_one_holds_up_no_one(models_dir, eager):
     """Eight coalescing streams at once all get their text; a client that stops reading keeps its stream (its
     credit runs out, it leaves the batch) and another stream, in a batch of one, is served meanwhile."""
-    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG, max_batch=1, max_unsent=4, workers=0)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG, max_batch=1, max_unsent=4, workers=0)
     with BackgroundServer(cfg) as bg:
         model, prompts = model_name("gru"), ["the ", "a dog ", "over ", "quick ", "lazy ", "fox ", "it ", "and "]
         with ThreadPoolExecutor(8) as pool:
@@ -380,7 +380,7 @@ def ort_server(models_dir, tmp_path_factory):
     quick = ParitySpec(batches=(1, 3), prefills=(5,), steps=20)  # the export's own tests run the full check
     for cell in CELLS:
         export_onnx(models_dir / model_name(cell), exports / model_name(cell), parity=quick)
-    cfg = ServerConfig(models=exports, backend="onnxruntime", providers="cpu", threads=1, port=0)
+    cfg = ServerConfig(models=exports, backend="onnxruntime", providers="cpu", threads=1, port=0, http_port=0)
     with BackgroundServer(cfg) as bg:
         yield bg
 
@@ -487,7 +487,7 @@ def test_bad_requests_do_not_disturb_other_streams(server, eager):
 
 @pytest.fixture
 def small(models_dir):
-    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_streams=1, max_chars=BIG,
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, metrics_port=0, max_streams=1, max_chars=BIG,
                        session_ttl_s=0.5, max_sessions=1)
     with BackgroundServer(cfg) as bg:
         yield bg
@@ -510,7 +510,7 @@ def test_a_stream_paused_out_of_a_batch_and_back_keeps_its_text(models_dir, eage
     """Backpressure in a batch big enough for its bookkeeping to be in arrays (GenerationRows): the stalled stream
     leaves the batch with its figures and rejoins it later, Predict jobs regroup the batch mid-chunk meanwhile,
     and every text is still the eager one."""
-    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG, max_unsent=16)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG, max_unsent=16)
     model, prompts = model_name("gru"), ["a dog ", "over ", "quick ", "lazy ", "fox "]
     started, finished = threading.Barrier(len(prompts) + 1), threading.Event()
 
@@ -567,7 +567,7 @@ def metric(bg, name) -> float:
 def test_a_stalled_client_pauses_its_stream(models_dir, eager):
     """Backpressure: the server runs at most max_unsent messages ahead of a client that stops reading, and the
     paused stream gives up its place in the batch (max_batch 1 here) to others."""
-    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_batch=1, max_chars=BIG, max_unsent=16)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, metrics_port=0, max_batch=1, max_chars=BIG, max_unsent=16)
     with BackgroundServer(cfg) as bg:
         # a small flow-control window, so that grpc itself holds only a few of the messages
         options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
@@ -621,7 +621,7 @@ def test_sessions_are_evicted_and_expire(small, eager):
 
 
 def test_a_session_serves_one_stream_at_a_time(models_dir):
-    with BackgroundServer(ServerConfig(models=models_dir, port=0, max_chars=BIG)) as bg:
+    with BackgroundServer(ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG)) as bg:
         stub = api.stub(bg.target)
         call = stub.Generate(api.generate_request(model_name("gru"), "the ", BIG, session_id="busy"), timeout=60)
         next(call)
@@ -649,7 +649,7 @@ class CountingRuntime(TorchRuntime):
 def test_continuous_batching_steps_all_streams_together(models_dir, eager):
     model = model_name("lstm")
     rt = CountingRuntime(models_dir / model)
-    cfg = ServerConfig(models=models_dir, port=0, max_batch=8, prefill_chunk=16, workers=0)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, max_batch=8, prefill_chunk=16, workers=0)
     with BackgroundServer(cfg, {model: rt}) as bg:
         stub = api.stub(bg.target)
         jobs = [dict(model=model, prompt=TEXT[i:i + 5], max_chars=40 + i, temperature=1.0, seed=i) for i in range(12)]
@@ -718,7 +718,7 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_says_so_meanwhi
     """No silent outage: a worker killed again and again comes back each time (after a growing delay); while it
     is down, its models' health and the server's say NOT_SERVING, and the other worker's models carry on."""
     monkeypatch.setattr(serve.link, "RESTART_FIRST_S", 1.0)
-    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG, workers=2)  # gru, rnn | lstm
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG, workers=2)  # gru, rnn | lstm
     lstm, gru = model_name("lstm"), model_name("gru")
     with BackgroundServer(cfg) as bg:
         stub = api.stub(bg.target)
@@ -738,7 +738,7 @@ def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_says_so_meanwhi
 
 
 def test_a_dead_worker_is_restarted_and_its_models_serve_again(models_dir, eager):
-    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG)
     lstm = model_name("lstm")
     with BackgroundServer(cfg) as bg:
         stub = api.stub(bg.target)
@@ -759,7 +759,7 @@ def test_a_dead_worker_is_restarted_and_its_models_serve_again(models_dir, eager
 
 
 def test_a_stopping_server_ends_streams_and_its_workers(models_dir):
-    bg = BackgroundServer(ServerConfig(models=models_dir, port=0, max_chars=BIG))
+    bg = BackgroundServer(ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG))
     stub = api.stub(bg.target)
     worker = bg.server.engine.routes[model_name("rnn")].process
     call = stub.Generate(api.generate_request(model_name("rnn"), "the ", BIG), timeout=60)
@@ -777,7 +777,7 @@ def test_a_stopping_server_ends_streams_and_its_workers(models_dir):
 def test_a_client_that_stops_reading_loses_its_stream_after_the_stall_timeout(models_dir, eager):
     """A stream whose client takes no message for --stall-timeout-s ends and frees its slot (max_streams 1 here):
     stalled clients cannot lock everyone else out."""
-    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_streams=1, max_chars=BIG, max_unsent=4,
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, metrics_port=0, max_streams=1, max_chars=BIG, max_unsent=4,
                        stall_timeout_s=1.0)
     with BackgroundServer(cfg) as bg:
         options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
@@ -800,7 +800,7 @@ def test_overload_is_resource_exhausted_and_counted(models_dir):
     """Far more concurrent calls than --max-streams on one channel (and than grpc's default backlog of 1,000, which
     cancelled the rest): each one either succeeds or is refused with RESOURCE_EXHAUSTED, and every refusal is
     counted."""
-    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_streams=16, max_chars=BIG, workers=0)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, metrics_port=0, max_streams=16, max_chars=BIG, workers=0)
     with BackgroundServer(cfg) as bg:
 
         async def storm(n):

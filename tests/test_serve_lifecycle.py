@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def start_server(models: Path, *args: str) -> tuple[subprocess.Popen, str, list[str]]:
     """`python -m serve` on a free port; returns the process, its address and its log lines so far."""
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--models", str(models), "--port", "0", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--models", str(models), "--port", "0", "--http-port", "0", *args],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
     deadline = time.monotonic() + 60
@@ -96,7 +96,7 @@ def test_unservable_model_directories_are_clear_errors(tmp_path, caplog):
     with pytest.raises(BackendError, match="unreadable JSON"):
         load_runtimes(tmp_path / "broken", "torch")
     with pytest.raises(BackendError, match="unreadable JSON"):  # the same, said by a worker process
-        BackgroundServer(ServerConfig(models=tmp_path / "broken", port=0, workers=1))
+        BackgroundServer(ServerConfig(models=tmp_path / "broken", port=0, http_port=0, workers=1))
 
 
 def test_a_directory_of_exports_without_backend_hints_at_it(tmp_path, caplog):
@@ -131,6 +131,6 @@ def test_models_are_served_by_directory_name(tmp_path):
 
 def test_a_taken_port_is_an_error(tmp_path):
     ckpt = make_checkpoint(tmp_path, cell="rnn", hidden=8)
-    with BackgroundServer(ServerConfig(models=ckpt, port=0)) as bg:
+    with BackgroundServer(ServerConfig(models=ckpt, port=0, http_port=0)) as bg:
         with pytest.raises(StartError, match="cannot listen"):
-            BackgroundServer(ServerConfig(models=ckpt, port=bg.server.port))
+            BackgroundServer(ServerConfig(models=ckpt, port=bg.server.port, http_port=0))

@@ -91,7 +91,7 @@ class ServerProcess:
     def __init__(self, models: Path, backend: str, providers: str = "", threads: int = 1, log_dir: Path = Path("."),
                  max_batch: int = 64, start_timeout_s: float = 120.0, cpus: tuple[int, ...] = ()):
         self.args = ["--models", str(models), "--backend", backend, "--threads", str(threads), "--host", "127.0.0.1",
-                     "--max-batch", str(max_batch), "--grace-s", "1"]
+                     "--max-batch", str(max_batch), "--grace-s", "1", "--http-port", "0"]
         self.args += ["--providers", providers] if providers else []
         self.threads, self.start_timeout_s, self.cpus = threads, start_timeout_s, cpus
         self.log_path = Path(log_dir) / f"server-{backend}-{providers or 'default'}-{os.getpid()}.log"

@@ -43,7 +43,9 @@ SSE_HEADERS = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Contro
                "X-Accel-Buffering": "no"}  # a proxy (nginx) must not buffer the stream
 PAGE_HEADERS = {"Content-Type": "text/html; charset=utf-8", "X-Content-Type-Options": "nosniff",
                 "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
-                                           "style-src 'unsafe-inline'; connect-src 'self'"}
+                                           "style-src 'unsafe-inline'; connect-src 'self'; img-src data:"}
+# request[GONE]: the client disconnected mid-stream (a typed key where aiohttp has them: no warning)
+GONE = web.RequestKey("charrnn.gone", bool) if hasattr(web, "RequestKey") else "charrnn.gone"
 OPEN_PATHS = ("/health", "/")  # without the API key: health checks, and the page (static: it asks for the key)
 
 # status, OpenAI's error type, code
@@ -297,7 +299,7 @@ class HttpFront:
                 if not self.ready:
                     raise Unavailable("the server is starting")
             response = await handler(request)
-            status = response.status
+            status = 499 if request.get(GONE) else response.status
             return response
         except asyncio.CancelledError:
             status = 499  # the client went away (nginx's code)
@@ -377,6 +379,8 @@ class HttpFront:
                     chunk = await anext(gen)
             except (ServeError, VocabError, StopAsyncIteration) as e:  # after the 200: an error event, no [DONE]
                 await response.write(_sse(error_body(e)[1]))
+            except ConnectionResetError:  # the client went away (a cancel may not have reached this task yet)
+                request[GONE] = True
             return response
 
 

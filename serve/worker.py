@@ -248,22 +248,19 @@ class Worker:
             loop._thread.join()
 
 
-def worker_main(sock: socket.socket, opener, settings: dict) -> None:
-    """A worker process: open the models (opener()), say Ready, then carry out messages until Stop or until
-    the front end's end of the socket closes."""
-    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server drains its streams
-    # and then stops the workers, which otherwise leave only when the server's end of the socket closes.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    try:
-        runtimes = opener()
-    except Exception as e:
-        sock.sendall(frame(Ready(None, str(e))))
-        return
+def worker_main(sock: socket.socket, opener, settings: dict, own_process: bool = True) -> None:
+    """A worker: open the models (opener()), say Ready, then carry out messages until Stop or until the front
+    end's end of the socket closes. In a process of its own, or a thread of the server's (--workers 0)."""
+    if own_process:
+        # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server drains its streams
+        # and then stops the workers, which otherwise leave only when the server's end of the socket closes.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     lock = threading.Lock()
 
-    def emit(gens: Generations) -> None:
+    def emit(gens) -> None:
         data = frame(gens)
         try:
             with lock:
@@ -271,14 +268,18 @@ def worker_main(sock: socket.socket, opener, settings: dict) -> None:
         except OSError:  # the front end is gone; the reader below sees it too and stops
             pass
 
-    worker = Worker(runtimes, emit, settings)
-    sock.sendall(frame(Ready(worker.models())))
-    f = sock.makefile("rb")
-    while True:
+    with sock:
         try:
-            msgs = read_frame(f)
-        except (EOFError, OSError):
-            msgs = [Stop()]
-        if any(type(m) is Stop for m in msgs):
-            return worker.stop()
-        worker.handle(msgs)
+            worker = Worker(opener(), emit, settings)
+        except Exception as e:
+            return sock.sendall(frame(Ready(None, str(e))))
+        sock.sendall(frame(Ready(worker.models())))
+        f = sock.makefile("rb")
+        while True:
+            try:
+                msgs = read_frame(f)
+            except (EOFError, OSError):
+                msgs = [Stop()]
+            if any(type(m) is Stop for m in msgs):
+                return worker.stop()
+            worker.handle(msgs)

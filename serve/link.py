@@ -169,7 +169,7 @@ class WorkerLink(asyncio.Protocol):
             except asyncio.TimeoutError:
                 log.warning("%s did not stop within %.0f s; killing it", self.process.name, STOP_TIMEOUT_S)
         self.dead = "the server stopped"
-        self.kill(wait=1.0)
+        self.kill(wait=STOP_TIMEOUT_S)  # it has closed its socket: let it exit (torch's teardown can take seconds)
 
     def kill(self, wait: float = 0.0) -> None:
         self.process.join(wait)

@@ -131,19 +131,13 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 code = _cancel_code(context)
                 raise
             except Exception as e:
-                code = status_code(e)
-                await self._abort(context, code, e)
+                code, internal = status_code(e), f"internal error: {type(e).__name__}: {e}"
+                if code == grpc.StatusCode.INTERNAL:
+                    log.error("%s", internal, exc_info=e)
+                await context.abort(code, internal if code == grpc.StatusCode.INTERNAL else str(e))  # raises
             finally:
                 self.requests.labels(method, code.name).inc()
         return wrapper
-
-    @staticmethod
-    async def _abort(context, code: grpc.StatusCode, e: Exception) -> None:
-        """End the RPC with this status (context.abort raises)."""
-        if code == grpc.StatusCode.INTERNAL:
-            log.error("internal error", exc_info=e)
-            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
-        await context.abort(code, str(e))
 
 
 def _cancel_code(context) -> grpc.StatusCode:

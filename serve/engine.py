@@ -18,13 +18,12 @@ import secrets
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import contextmanager
 
 import numpy as np
 
 from serve.config import ServerConfig
 from serve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from serve.link import LocalLink, ProcessLink
+from serve.link import WorkerLink
 from serve.messages import Cancel, Credit, Generations, Predict, Submit, exception_of
 from serve.metrics import Metrics
 from serve.types import Chunk, GenerateRequest, ModelInfo, Prediction, PredictRequest
@@ -63,13 +62,11 @@ class _Stream:
     __slots__ = ("id", "link", "session_id", "items", "waiter", "granted", "writing_since", "task", "ended")
 
     def __init__(self, sid: int, link, session_id: str = ""):
-        self.id, self.link, self.session_id = sid, link, session_id
+        self.id, self.link, self.session_id, self.task = sid, link, session_id, asyncio.current_task()
         self.items: deque = deque()  # str (a message's text), Chunk (the last), list (predictions), Exception
         self.waiter: asyncio.Future | None = None
-        self.granted = 0  # messages taken since credit was last granted
+        self.granted, self.ended = 0, False  # messages taken since credit was last granted; the worker is done
         self.writing_since: float | None = None  # while its handler writes a message: since when
-        self.task = asyncio.current_task()
-        self.ended = False
 
     def put(self, item) -> None:
         self.items.append(item)
@@ -82,39 +79,31 @@ class _Stream:
             await self.waiter
         if not everything:
             return [self.items.popleft()]
-        items = list(self.items)
-        self.items.clear()
+        items, self.items = list(self.items), deque()
         return items
 
 
 class Engine:
-    def __init__(self, cfg: ServerConfig, metrics: Metrics | None = None, runtimes: dict | None = None,
-                 opener: Callable | None = None, paths: list | None = None):
-        """runtimes: opened already, served in this process; else opener(paths...) opens them in cfg.workers
-        worker processes (models spread over them), or in this process when that is 0."""
-        self.cfg, self.metrics = cfg, metrics or Metrics()
-        settings = cfg.worker_settings()
-        if runtimes is not None:
-            self.links = [LocalLink(runtimes, settings, self._dispatch)]
-        else:
-            n = min(cfg.workers, len(paths))
-            self.links = [ProcessLink(i, opener(paths[i::n]), settings, self._dispatch, self._lost) for i in range(n)]
-            try:
-                for link in self.links:  # all load at once
-                    link.wait_ready()
-            except BaseException:
-                for link in self.links:
-                    link.kill()
-                raise
-        self.routes: dict[str, object] = {}
+    def __init__(self, cfg: ServerConfig, metrics: Metrics, openers: list[Callable], in_process: bool = False):
+        """A worker per opener (opener() opens its models, in the worker): a process each, or one thread."""
+        self.cfg, self.metrics, settings = cfg, metrics, cfg.worker_settings()
+        self.links = [WorkerLink(i, o, settings, self._dispatch, self._lost, in_process) for i, o in enumerate(openers)]
+        try:
+            for link in self.links:  # all load at once
+                link.wait_ready()
+        except BaseException:
+            for link in self.links:
+                link.kill()
+            raise
+        self.routes: dict[str, WorkerLink] = {}
         self.vocabs: dict[str, Vocab] = {}
-        self.streams: dict[int, _Stream] = {}
-        self.in_flight = 0  # Generate streams and Predict calls, all models
-        self.draining = False
-        self._ids = itertools.count()
-        self._idle = asyncio.Event()
+        self.streams: dict[int, _Stream] = {}  # Generate streams and Predict calls in flight, all models
+        self.draining, self._ids, self._idle, self._sweeper = False, itertools.count(), asyncio.Event(), None
         self._idle.set()
-        self._sweeper: asyncio.Task | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.streams)
 
     # lifecycle
 
@@ -157,14 +146,10 @@ class Engine:
                 s.put(Chunk(text, logprobs=logprobs[sid]))
             else:
                 s.put(text)
-        for sid, error in g.errors.items():
-            if sid in streams:
+        for sid, last in [*((i, exception_of(e)) for i, e in g.errors.items()), *g.predictions.items()]:
+            if sid in streams:  # an error ends a stream; predictions answer a Predict call
                 streams[sid].ended = True
-                streams[sid].put(exception_of(error))
-        for sid, predictions in g.predictions.items():
-            if sid in streams:
-                streams[sid].ended = True
-                streams[sid].put(predictions)
+                streams[sid].put(last)
         if g.metrics is not None:
             self.metrics.model(g.model).load(g.metrics)
         if g.sessions is not None:
@@ -187,33 +172,31 @@ class Engine:
         arrived = time.perf_counter()
         link = self._route(req.model)
         req, prompt = self._check_generate(req, self.vocabs[req.model])
-        with self._slot() as release:
-            s = self._open(link, req.session_id)
-            try:
-                link.send(Submit(s.id, req.model, req, prompt, self.cfg.max_unsent, arrived,
-                                 link.take_lost(req.session_id)))
-                every = max(1, self.cfg.max_unsent // 4)
-                scored = req.logprobs is not None  # its messages are Chunks (text and logprobs), not str
-                while True:
-                    items = await s.take(req.coalesce)
-                    last = items[-1]
-                    if isinstance(last, Exception):
-                        if len(items) > 1:  # what came before the error still goes out
-                            yield _merge(items[:-1])
-                        raise last
-                    if type(last) is Chunk and last.stats is not None:
-                        release()  # the client may send its next request as soon as it has this message
-                        yield last if len(items) == 1 else _merge(items)
-                        return
-                    s.writing_since = time.monotonic()
-                    yield _merge(items) if scored else Chunk(items[0] if len(items) == 1 else "".join(items))
-                    s.writing_since = None
-                    s.granted += len(items)
-                    if s.granted >= every:
-                        link.send(Credit(s.id, req.model, s.granted))
-                        s.granted = 0
-            finally:
-                self._close(s, req.model)
+        s = self._open(link, req.session_id)
+        try:
+            link.send(Submit(s.id, req.model, req, prompt, self.cfg.max_unsent, arrived, link.take_lost(req.session_id)))
+            every = max(1, self.cfg.max_unsent // 4)
+            scored = req.logprobs is not None  # its messages are Chunks (text and logprobs), not str
+            while True:
+                items = await s.take(req.coalesce)
+                last = items[-1]
+                if isinstance(last, Exception):
+                    if len(items) > 1:  # what came before the error still goes out
+                        yield _merge(items[:-1])
+                    raise last
+                if type(last) is Chunk and last.stats is not None:
+                    self._close(s, req.model)  # its slot is free: the client may send its next request at once
+                    yield last if len(items) == 1 else _merge(items)
+                    return
+                s.writing_since = time.monotonic()
+                yield _merge(items) if scored else Chunk(items[0] if len(items) == 1 else "".join(items))
+                s.writing_since = None
+                s.granted += len(items)
+                if s.granted >= every:
+                    link.send(Credit(s.id, req.model, s.granted))
+                    s.granted = 0
+        finally:
+            self._close(s, req.model)
 
     async def predict(self, req: PredictRequest) -> list[Prediction]:
         link = self._route(req.model)
@@ -224,28 +207,34 @@ class Engine:
             raise InvalidArgument(f"top_k {req.top_k} exceeds the server's cap of {self.cfg.max_top_k}")
         vocab = self.vocabs[req.model]
         tokens = vocab.encode(req.text)
-        with self._slot():
-            s = self._open(link)
-            try:
-                link.send(Predict(s.id, req.model, tokens, min(req.top_k or PREDICT_TOP_K, len(vocab))))
-                (result,) = await s.take(False)
-                if isinstance(result, Exception):
-                    raise result
-                return result
-            finally:
-                self._close(s, req.model)
+        s = self._open(link)
+        try:
+            link.send(Predict(s.id, req.model, tokens, min(req.top_k or PREDICT_TOP_K, len(vocab))))
+            (result,) = await s.take(False)
+            if isinstance(result, Exception):
+                raise result
+            return result
+        finally:
+            self._close(s, req.model)
 
     # helpers
 
     def _open(self, link, session_id: str = "") -> _Stream:
+        """A stream takes one of max_streams places (Generate streams and Predict calls together)."""
+        if len(self.streams) >= self.cfg.max_streams:
+            raise ResourceExhausted(f"the server is at its limit of {self.cfg.max_streams} concurrent requests")
         s = _Stream(next(self._ids), link, session_id)
         self.streams[s.id] = s
+        self._idle.clear()
         return s
 
     def _close(self, s: _Stream, model: str) -> None:
-        del self.streams[s.id]
+        if self.streams.pop(s.id, None) is None:  # closed already
+            return
         if not s.ended and not s.link.dead:  # cancelled, failed on the way: the worker drops it
             s.link.send(Cancel(s.id, model))
+        if not self.streams:
+            self._idle.set()
 
     def _route(self, model: str):
         if self.draining:
@@ -299,28 +288,6 @@ class Engine:
     def _check_length(what: str, text: str, limit: int) -> None:
         if len(text) > limit:
             raise InvalidArgument(f"{what} has {len(text)} characters; the server allows {limit}")
-
-    @contextmanager
-    def _slot(self):
-        """One of max_streams concurrent requests; yields a release function for an early release."""
-        if self.in_flight >= self.cfg.max_streams:
-            raise ResourceExhausted(f"the server is at its limit of {self.cfg.max_streams} concurrent requests")
-        self.in_flight += 1
-        self._idle.clear()
-        held = True
-
-        def release():
-            nonlocal held
-            if held:
-                held = False
-                self.in_flight -= 1
-                if not self.in_flight:
-                    self._idle.set()
-
-        try:
-            yield release
-        finally:
-            release()
 
     async def _sweep_stalled(self) -> None:
         """End the streams whose client has taken nothing for stall_timeout_s (their write waits on it)."""

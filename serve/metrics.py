@@ -1,8 +1,8 @@
 """Prometheus metrics, on a registry of the server's own (several servers can share a process).
 
-A model's figures (`ModelMetrics`) are plain counters written by its scheduler's thread, which may run
-in a worker: the server's copy is refreshed from the worker's snapshots. A
-collector turns them into Prometheus families when /metrics is read.
+A model's figures (`ModelMetrics`) are plain counters written by its thread in a worker (serve.worker);
+the server's copy is refreshed from the worker's snapshots. A collector turns them into Prometheus
+families when /metrics is read.
 """
 from __future__ import annotations
 

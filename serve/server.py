@@ -13,7 +13,6 @@ import functools
 import hmac
 import logging
 import signal
-import threading
 import time
 
 import grpc
@@ -134,19 +133,13 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 code = _cancel_code(context)
                 raise
             except Exception as e:
-                code = status_code(e)
-                await self._abort(context, code, e)
+                code, internal = status_code(e), f"internal error: {type(e).__name__}: {e}"
+                if code == grpc.StatusCode.INTERNAL:
+                    log.error("%s", internal, exc_info=e)
+                await context.abort(code, internal if code == grpc.StatusCode.INTERNAL else str(e))  # raises
             finally:
                 self.requests.labels(method, code.name).inc()
         return wrapper
-
-    @staticmethod
-    async def _abort(context, code: grpc.StatusCode, e: Exception) -> None:
-        """End the RPC with this status (context.abort raises)."""
-        if code == grpc.StatusCode.INTERNAL:
-            log.error("internal error", exc_info=e)
-            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
-        await context.abort(code, str(e))
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -195,16 +188,18 @@ class Server:
     def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None, opener=open_runtimes):
         """Models are opened by opener(paths, backend, providers, threads) in cfg.workers worker processes, or in
         this process when that is 0; `runtimes` (already open) are served in this process."""
-        self.cfg = cfg
-        self.metrics = Metrics()
+        self.cfg, self.metrics = cfg, Metrics()
         if runtimes is None:
             providers = resolve_providers(cfg.backend, cfg.providers)  # a bad backend or provider fails at once
             paths = _find_models(cfg.models, cfg.backend)
+            n = min(cfg.workers, len(paths))  # each worker process opens its share (the openers are pickled)
+            openers = [functools.partial(opener, paths[i::n], cfg.backend, providers, cfg.threads) for i in range(n)]
             if not cfg.workers:
                 runtimes = opener(paths, cfg.backend, providers, cfg.threads)
-            opener = functools.partial(_opener, opener, cfg.backend, providers, cfg.threads)
+        if runtimes is not None:
+            openers = [lambda: runtimes]
         try:
-            self.engine = Engine(cfg, self.metrics, runtimes, opener, None if runtimes else paths)
+            self.engine = Engine(cfg, self.metrics, openers, in_process=runtimes is not None)
         except RuntimeError as e:  # a worker could not open its models
             raise BackendError(str(e)) from None
         self.health = health.aio.HealthServicer()
@@ -232,7 +227,7 @@ class Server:
         except (RuntimeError, OSError) as e:
             await self.http.stop()
             for link in self.engine.links:
-                getattr(link, "kill", lambda: None)()
+                link.kill()
             raise StartError(f"cannot listen on {address} (HTTP port {self.cfg.http_port}, metrics port "
                              f"{self.cfg.metrics_port}): {e}") from None
         await self.engine.start(self._set_health)
@@ -288,11 +283,6 @@ class Server:
         self._hurry.set()
 
 
-def _opener(open_fn, backend, providers, threads, paths):
-    """What a worker process calls to open its models (picklable: module-level functions and plain values)."""
-    return functools.partial(open_fn, paths, backend, providers, threads)
-
-
 def _find_models(root, backend: str):
     """serve.backends.find_models, with a hint when the directory holds models of another backend."""
     try:
@@ -302,47 +292,6 @@ def _find_models(root, backend: str):
             if other != backend and ((root / name).is_file() or any(root.glob(f"*/{name}"))):
                 raise BackendError(f"{e}; it holds {name} files: serve them with --backend {other}") from None
         raise
-
-
-class BackgroundServer:
-    """A Server on an event loop of its own thread, for synchronous programs (tests, notebooks, benchmarks).
-
-        with BackgroundServer(ServerConfig(models=dir, port=0)) as bg:
-            stub = clients.api.stub(bg.target)
-    """
-
-    def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None, opener=open_runtimes):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-server", daemon=True)
-        self._thread.start()
-        try:
-            self.server = self.call(Server(cfg, runtimes, opener).start())
-        except BaseException:
-            self._close_loop()
-            raise
-
-    @property
-    def target(self) -> str:
-        return f"{self.server.cfg.host}:{self.server.port}"
-
-    def call(self, coro, timeout: float | None = 60):
-        """Run a coroutine on the server's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def stop(self, grace_s: float = 0.0) -> None:
-        self.call(self.server.drain_and_stop(grace_s))
-        self._close_loop()
-
-    def _close_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def __enter__(self) -> "BackgroundServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 async def run(cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None) -> None:

@@ -2,8 +2,8 @@
 
 One thread per model (the only caller of its `runtime.step`) takes the front end's messages and answers
 each turn with one `Generations`. Hidden state never leaves the worker: streams start from a session's
-state here and leave theirs here. The same `Worker` runs in a process of its own (`worker_main`, a socket
-to the front end) or, with `--workers 0`, in the server's process.
+state here and leave theirs here. `worker_main` runs in a process of its own (a socket to the front end)
+or, with `--workers 0`, in a thread of the server's process over the same socket.
 
 A turn: take the messages that came; admit waiting streams while the batch has room (`max_batch`); feed
 one chunk (`prefill_chunk`) of every prompt, batched by length; prompts down to their last token join the
@@ -57,8 +57,8 @@ class ModelLoop:
         self.live: dict[int, tuple[str, Session | None]] = {}  # id -> its session id and the session it continues
         self._inbox, self._cv = [], threading.Condition()
         self._active, self._metrics_at = 0, 0.0
-        self._thread = threading.Thread(target=self._run, name=f"model:{name}", daemon=True)
-        self._thread.start()
+        self.thread = threading.Thread(target=self._run, name=f"model:{name}", daemon=True)
+        self.thread.start()
 
     def post(self, msgs: list) -> None:
         with self._cv:
@@ -221,51 +221,19 @@ class ModelLoop:
             self.batch = batch.filter([i for i in range(len(batch)) if i not in leaving], self.rt)
 
 
-class Worker:
-    """A worker's models, their loops and sessions. `handle(msgs)` takes the front end's messages; every
-    turn's `Generations` goes to `emit` (on the model's thread)."""
-
-    def __init__(self, runtimes: dict, emit, settings: dict):
-        self.runtimes = runtimes
-        self.sessions = SessionCache(settings["session_ttl_s"], settings["max_sessions"],
-                                     max_bytes=settings["max_session_bytes"])
-        self.loops = {name: ModelLoop(name, rt, self.sessions, emit, settings["max_batch"], settings["prefill_chunk"])
-                      for name, rt in runtimes.items()}
-
-    def models(self) -> dict[str, ModelInfo]:
-        return {name: ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars, rt.backend)
-                for name, rt in self.runtimes.items()}
-
-    def handle(self, msgs: list) -> None:
-        by_model: dict[str, list] = defaultdict(list)
-        for m in msgs:
-            for name in (self.loops if type(m) is Stop else (m.model,)):
-                by_model[name].append(m)
-        for name, part in by_model.items():
-            self.loops[name].post(part)
-
-    def stop(self) -> None:
-        self.handle([Stop()])
-        for loop in self.loops.values():
-            loop._thread.join()
-
-
-def worker_main(sock: socket.socket, opener, settings: dict) -> None:
-    """A worker process: open the models (opener()), say Ready, then carry out messages until Stop or until
-    the front end's end of the socket closes."""
-    # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server drains its streams
-    # and then stops the workers, which otherwise leave only when the server's end of the socket closes.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    try:
-        runtimes = opener()
-    except Exception as e:
-        sock.sendall(frame(Ready(None, str(e))))
-        return
+def worker_main(sock: socket.socket, opener, settings: dict, own_process: bool = True) -> None:
+    """A worker: open the models (opener()), say Ready, then hand each model's messages to its loop until Stop
+    or until the front end's end of the socket closes. In a process of its own, or a thread of the server's."""
+    if own_process:
+        # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server drains its streams
+        # and then stops the workers, which otherwise leave only when the server's end of the socket closes.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     lock = threading.Lock()
 
-    def emit(gens: Generations) -> None:
+    def emit(gens: Generations) -> None:  # on a model's thread
         data = frame(gens)
         try:
             with lock:
@@ -273,14 +241,30 @@ def worker_main(sock: socket.socket, opener, settings: dict) -> None:
         except OSError:  # the front end is gone; the reader below sees it too and stops
             pass
 
-    worker = Worker(runtimes, emit, settings)
-    sock.sendall(frame(Ready(worker.models())))
-    f = sock.makefile("rb")
-    while True:
+    with sock:
         try:
-            msgs = read_frame(f)
-        except (EOFError, OSError):
-            msgs = [Stop()]
-        if any(type(m) is Stop for m in msgs):
-            return worker.stop()
-        worker.handle(msgs)
+            runtimes = opener()
+        except Exception as e:
+            return sock.sendall(frame(Ready(None, str(e))))
+        sessions = SessionCache(settings["session_ttl_s"], settings["max_sessions"],
+                                max_bytes=settings["max_session_bytes"])
+        loops = {name: ModelLoop(name, rt, sessions, emit, settings["max_batch"], settings["prefill_chunk"])
+                 for name, rt in runtimes.items()}
+        sock.sendall(frame(Ready({name: ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars,
+                                                  rt.backend) for name, rt in runtimes.items()})))
+        f = sock.makefile("rb")
+        while True:
+            try:
+                msgs = read_frame(f)
+            except (EOFError, OSError):
+                msgs = [Stop()]
+            by_model: dict[str, list] = defaultdict(list)
+            for m in msgs:
+                for name in (loops if type(m) is Stop else (m.model,)):
+                    by_model[name].append(m)
+            for name, part in by_model.items():
+                loops[name].post(part)
+            if any(type(m) is Stop for m in msgs):
+                for loop in loops.values():
+                    loop.thread.join()
+                return

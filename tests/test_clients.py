@@ -13,7 +13,7 @@ from clients import generate as generate_cli
 from clients import loadgen
 from serve import server as server_module
 from serve.config import ServerConfig
-from serve.server import BackgroundServer
+from serve.background import BackgroundServer
 from train.checkpoint import load_checkpoint
 from train.sampling import generate
 

@@ -29,7 +29,8 @@ import serve.http
 from clients import api
 from protos.charrnn.v1 import charrnn_pb2 as pb
 from serve.config import ServerConfig
-from serve.server import BackgroundServer, StartError
+from serve.background import BackgroundServer
+from serve.server import StartError
 from train.checkpoint import load_checkpoint
 
 openai = pytest.importorskip("openai")

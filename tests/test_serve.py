@@ -33,7 +33,7 @@ from serve.batch import Batch, Prefilled, Row
 from serve.config import ServerConfig
 from serve.errors import NotFound, SessionBusy
 from serve.metrics import ModelMetrics
-from serve.server import BackgroundServer
+from serve.background import BackgroundServer
 from serve.sessions import Session, SessionCache
 from serve.types import FinishReason, GenerateRequest, SessionState
 from train.checkpoint import load_checkpoint, save_weights

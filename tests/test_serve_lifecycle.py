@@ -22,7 +22,8 @@ from clients import api
 from protos.charrnn.v1 import charrnn_pb2 as pb
 from serve.backends import BackendError, load_runtimes, ort_providers
 from serve.config import ServerConfig
-from serve.server import BackgroundServer, StartError, main
+from serve.background import BackgroundServer
+from serve.server import StartError, main
 
 ROOT = Path(__file__).resolve().parents[1]
 

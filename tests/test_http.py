@@ -438,3 +438,14 @@ def test_the_playground_streams_in_chromium_and_stop_cancels_the_stream(server, 
         assert (tmp_path / "playground.png").stat().st_size > 10_000
     finally:
         browser.quit()
+
+
+def test_loadgen_drives_http_as_it_drives_grpc(server):
+    """clients.loadgen --http: the same requests over /v1/completions (what the HTTP figures are measured with)."""
+    from clients import loadgen
+
+    common = ["--model", LSTM, "--concurrency", "4", "--requests", "8", "--max-chars", "30", "--warmup", "1"]
+    over_http = loadgen.run(loadgen.parse_args([*common, "--http", base(server)]))
+    over_grpc = loadgen.run(loadgen.parse_args([*common, "--target", server.target, "--coalesce"]))
+    for r in (over_http, over_grpc):
+        assert (r["ok"], r["errors"], r["chars"]) == (8, {}, 240) and r["ttfc_ms"]["p50"] > 0

@@ -196,6 +196,8 @@ class _Completion:
             text, lps = self.held + text, self.held_lps + lps
             if c.finish_reason is FinishReason.STOP:
                 keep = len(text) - len(c.stats.stop)
+            elif c.stats is not None:  # the end: nothing more can complete a stop sequence
+                keep = len(text)
             else:
                 keep = len(text) - self._could_stop(text)
             self.held, self.held_lps = ("", []) if c.stats else (text[keep:], lps[keep:])

@@ -184,6 +184,22 @@ def test_stop_sequences_end_the_text_and_are_left_out(client, eager):
         assert (text, finish) == (want[:cut], "stop")
 
 
+def test_a_stream_holds_back_only_what_could_begin_a_stop_sequence():
+    from serve.types import Chunk, FinishReason, GenerateRequest, GenerateStats, SessionState
+
+    def stats(stop=""):
+        return GenerateStats(2, 6, 0.1, 0.2, 30.0, 1, SessionState.NONE, stop)
+
+    def texts(*chunks):
+        c = serve.http._Completion(GenerateRequest("m", "ab", stop=("xyz", "q")), usage=False)
+        return [[json.loads(e[6:])["choices"][0]["text"] for e in c.event(ch).split(b"\n\n")
+                 if e.startswith(b"data: {")] for ch in chunks]
+
+    assert texts(Chunk("abx"), Chunk("y"), Chunk("z", FinishReason.STOP, stats("xyz"))) == [["ab"], [], [""]]
+    assert texts(Chunk("abx"), Chunk("xy", FinishReason.LENGTH, stats())) == [["ab"], ["xxy"]]
+    assert texts(Chunk("axy"), Chunk("w"), Chunk("q", FinishReason.STOP, stats("q"))) == [["a"], ["xyw"], [""]]
+
+
 def test_logprobs_are_the_models_and_arrive_with_their_characters(client, eager):
     ck = eager[LSTM]
     r = client.completions.create(model=LSTM, prompt="the ", max_tokens=25, temperature=0, logprobs=3)

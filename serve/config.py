@@ -22,8 +22,9 @@ class ServerConfig:
     host: str = _opt("127.0.0.1", "address to bind; loopback unless asked otherwise")
     port: int = _opt(50051, "gRPC port; 0 picks a free one (logged)")
     metrics_port: int | None = _opt(None, "Prometheus /metrics port; 0 picks a free one; unset: no endpoint")
-    workers: int = _opt(1, "worker processes that step the models (models are spread over them), so that steps "
-                           "and the gRPC event loop do not share one interpreter lock; 0: threads of this process")
+    workers: int = _opt(1, "worker processes that own the models, their batches and sessions (models are spread "
+                           "over them), so that steps and the gRPC event loop do not share one interpreter lock; "
+                           "0: the same worker in a thread of this process")
     max_batch: int = _opt(64, "streams stepped together in one backend call, per model")
     max_streams: int = _opt(256, "concurrent Generate streams and Predict calls, all models together; "
                                  "RESOURCE_EXHAUSTED past it")

@@ -30,8 +30,9 @@ class ServerConfig:
         "help": "when set (or $CHARRNN_API_KEY, better: not in the process list), requests need it: HTTP "
                 "'Authorization: Bearer KEY', gRPC the same in their metadata; health stays open"})
     cors_origin: str = _opt("", "an origin allowed to call the HTTP API from a browser ('*': any); unset: none")
-    workers: int = _opt(1, "worker processes that step the models (models are spread over them), so that steps "
-                           "and the gRPC event loop do not share one interpreter lock; 0: threads of this process")
+    workers: int = _opt(1, "worker processes that own the models, their batches and sessions (models are spread "
+                           "over them), so that steps and the gRPC event loop do not share one interpreter lock; "
+                           "0: the same worker in a thread of this process")
     max_batch: int = _opt(64, "streams stepped together in one backend call, per model")
     max_streams: int = _opt(256, "concurrent Generate streams and Predict calls, all models together; "
                                  "RESOURCE_EXHAUSTED past it")

@@ -257,16 +257,14 @@ class Engine:
         self._check_length("prompt", req.prompt, c.max_prompt_chars)
         self._check_length("session_id", req.session_id, c.max_session_id_chars)
         prompt = vocab.encode(req.prompt)
-        if req.max_chars > c.max_chars:
-            raise InvalidArgument(f"max_chars {req.max_chars} exceeds the server's cap of {c.max_chars}")
+        for name, value, cap in (("max_chars", req.max_chars, c.max_chars), ("top_k", req.top_k, c.max_top_k),
+                                 ("chunk_chars", req.chunk_chars, c.max_chunk_chars)):
+            if value > cap:
+                raise InvalidArgument(f"{name} {value} exceeds the server's cap of {cap}")
         if not (math.isfinite(req.temperature) and req.temperature >= 0):
             raise InvalidArgument(f"temperature must be a finite number >= 0 (0: greedy), not {req.temperature}")
         if not (0 < req.top_p <= 1):  # also refuses NaN
             raise InvalidArgument(f"top_p must be in (0, 1], not {req.top_p}")
-        if req.top_k > c.max_top_k:
-            raise InvalidArgument(f"top_k {req.top_k} exceeds the server's cap of {c.max_top_k}")
-        if req.chunk_chars > c.max_chunk_chars:
-            raise InvalidArgument(f"chunk_chars {req.chunk_chars} exceeds the server's cap of {c.max_chunk_chars}")
         if len(req.stop) > c.max_stop:
             raise InvalidArgument(f"{len(req.stop)} stop sequences; the server allows {c.max_stop}")
         for s in req.stop:

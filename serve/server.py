@@ -29,7 +29,7 @@ from serve.engine import Engine
 from serve.errors import InvalidArgument, status_code
 from serve.http import HttpFront
 from serve.metrics import Metrics
-from serve.types import Chunk, FinishReason, GenerateRequest, ModelInfo, Prediction, PredictRequest, SessionState
+from serve.types import Chunk, FinishReason, GenerateRequest, PredictRequest, SessionState
 
 log = logging.getLogger(__name__)
 
@@ -70,19 +70,6 @@ def chunk_to_pb(c: Chunk) -> pb.GenerateResponse:
     return pb.GenerateResponse(text=c.text, finish_reason=_FINISH[c.finish_reason], stats=stats)
 
 
-def predict_request_from_pb(m: pb.PredictRequest) -> PredictRequest:
-    return PredictRequest(model=m.model, text=m.text, top_k=m.top_k)
-
-
-def predictions_to_pb(ps: list[Prediction]) -> pb.PredictResponse:
-    return pb.PredictResponse(predictions=[pb.Prediction(char=p.char, probability=p.probability) for p in ps])
-
-
-def model_info_to_pb(m: ModelInfo) -> pb.ModelInfo:
-    return pb.ModelInfo(id=m.id, cell=m.cell, hidden_size=m.hidden_size, fc_layers=m.fc_layers, vocab=m.vocab,
-                        backend=m.backend)
-
-
 # the service
 
 class GeneratorServicer(pb_grpc.GeneratorServicer):
@@ -90,7 +77,9 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         self.engine = engine
 
     async def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[model_info_to_pb(m) for m in self.engine.models()])
+        return pb.ListModelsResponse(models=[pb.ModelInfo(id=m.id, cell=m.cell, hidden_size=m.hidden_size,
+                                                          fc_layers=m.fc_layers, vocab=m.vocab, backend=m.backend)
+                                             for m in self.engine.models()])
 
     async def Generate(self, request, context):
         # context.write, not yield: a cancel or an expired deadline then lands in this coroutine, so the
@@ -100,7 +89,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             await context.write(chunk_to_pb(chunk))
 
     async def Predict(self, request, context):
-        return predictions_to_pb(await self.engine.predict(predict_request_from_pb(request)))
+        found = await self.engine.predict(PredictRequest(model=request.model, text=request.text, top_k=request.top_k))
+        return pb.PredictResponse(predictions=[pb.Prediction(char=p.char, probability=p.probability) for p in found])
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):

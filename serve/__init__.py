@@ -1,4 +1,5 @@
-"""The generation server (python -m serve): the gRPC edge (server), the front end's requests and limits
+"""The generation server (python -m serve): the gRPC edge (server) and the HTTP edge (http: OpenAI-compatible
+completions, the playground) on one event loop, the front end's requests and limits
 (engine), its handle on each worker (link), the model side that owns runtimes, batches and sessions
 (worker, batch, sessions), the messages between them (messages); runtimes by backend (backends), settings
 (config), plain types (types), errors (errors), metrics (metrics).

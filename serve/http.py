@@ -97,6 +97,8 @@ def _field(body: dict, name: str, kind, default, lo=None, hi=None):
     value = body.get(name)
     if value is None:
         return default
+    if kind is int and hi is None:  # no number of thousands of digits in an error message
+        hi = _MAX_SEED
     kinds = (int, float) if kind is float else (kind,)
     if not isinstance(value, kinds) or (kind is not bool and isinstance(value, bool)):
         raise HttpError(400, f"{name} must be {'a number' if kind is float else kind.__name__}", name)
@@ -354,7 +356,7 @@ class HttpFront:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
             body = json.loads(await request.read())
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: nested too deep
             raise HttpError(400, "the request body is not valid JSON") from None
         req, stream, usage = completion_request(body)
         if not stream:

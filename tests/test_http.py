@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_serve import BIG, make_models, model_name, reference
 
 import serve.http
+import serve.link
 from clients import api
 from protos.charrnn.v1 import charrnn_pb2 as pb
 from serve.config import ServerConfig
@@ -247,6 +248,9 @@ def test_a_session_continues_over_http(client, eager):
     ({"model": LSTM, "prompt": "the", "logprobs": 6}, None, "logprobs"),
     ({"model": LSTM, "prompt": "the", "max_tokens": 0}, "max_tokens", "max_tokens"),
     ({"model": LSTM, "prompt": "the", "max_tokens": "ten"}, "max_tokens", "max_tokens"),
+    ({"model": LSTM, "prompt": "the", "max_tokens": 10 ** 4000}, "max_tokens", "between 1 and"),
+    ({"model": LSTM, "prompt": "the", "stop": [1]}, "stop", "list of strings"),
+    ({"model": LSTM, "prompt": "the", "stream_options": []}, "stream_options", "stream_options"),
     ({"model": LSTM, "prompt": ["a", "b"]}, "prompt", "list of one"),
     ({"model": LSTM, "prompt": "the", "echo": True}, "echo", "echo"),
     ({"model": LSTM, "prompt": "the", "x" * 10_000: 1}, None, "unrecognized"),
@@ -267,8 +271,9 @@ def test_errors_through_the_openai_client(server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="nope", prompt="a")
     assert e.value.code == "model_not_found"
-    status, out = post(server, "/v1/completions", None, raw=b"{not json")
-    assert status == 400 and "not valid JSON" in out["error"]["message"]
+    for raw in (b"{not json", b"[" * 50_000, b"\xff\xfe"):
+        status, out = post(server, "/v1/completions", None, raw=raw)
+        assert status == 400 and "not valid JSON" in out["error"]["message"]
     status, out = post(server, "/v1/completions", None, raw=b'{"prompt": "' + b"a" * (server.server.http.max_body) + b'"}')
     assert status == 413 and out["error"]["code"] == "request_too_large"
     assert get(server, "/nowhere")[0] == 404 and json.loads(get(server, "/nowhere")[1])["error"]["message"] == "no such path"
@@ -288,6 +293,26 @@ def test_429_past_max_streams_and_503_while_draining(models_dir):
         assert get(bg, "/health")[0] == 503
         status, out = post(bg, "/v1/completions", {"model": LSTM, "prompt": "a"})
         assert status == 503 and "shutting down" in out["error"]["message"]
+
+
+def test_a_worker_that_dies_mid_stream_ends_it_with_an_error_event_and_health_says_503_meanwhile(models_dir,
+                                                                                                   monkeypatch):
+    monkeypatch.setattr(serve.link, "RESTART_FIRST_S", 1.0)
+    with serving(models_dir, max_chars=BIG) as bg:
+        conn = http.client.HTTPConnection("127.0.0.1", bg.server.http_port, timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({"model": LSTM, "prompt": "the ", "max_tokens": BIG,
+                                                            "stream": True}), {"Content-Type": "application/json"})
+        stream = conn.getresponse()
+        assert stream.readline().startswith(b"data: {")
+        bg.server.engine.routes[LSTM].process.kill()
+        events = [line for line in stream.read().split(b"\n") if line.startswith(b"data: ")]
+        error = json.loads(events[-1][6:])["error"]  # the stream's last event, and no [DONE]
+        assert error["code"] == "unavailable" and "exited" in error["message"]
+        wait_until(lambda: get(bg, "/health") == (503, b'{"status": "not serving: gru-h32-fc1-s16, lstm-h32-fc1-s16"}'),
+                   timeout=5)
+        assert post(bg, "/v1/completions", {"model": GRU, "prompt": "a"})[0] == 503
+        wait_until(lambda: get(bg, "/health")[0] == 200, timeout=30)  # restarted
+        assert post(bg, "/v1/completions", {"model": GRU, "prompt": "a", "max_tokens": 3})[0] == 200
 
 
 async def _drain(server):

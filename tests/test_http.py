@@ -378,6 +378,10 @@ def test_an_api_key_guards_http_and_grpc_but_not_health(models_dir, monkeypatch)
         good = [("authorization", "Bearer s3cret")]
         assert len("".join(m.text for m in stub.Generate(api.generate_request(LSTM, "the ", 5), timeout=10,
                                                          metadata=good))) == 5
+        assert len(api.generate_text(api.stub(bg.target), api.generate_request(LSTM, "the ", 5))[0]) == 5  # $KEY
+        with pytest.raises(grpc.RpcError) as e:
+            api.list_models(api.stub(bg.target, api_key="nope"))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         assert 'charrnn_requests_total{code="UNAUTHENTICATED",method="Generate"} 1.0' in \

@@ -178,7 +178,8 @@ class _Completion:
         # the common event, formatted by hand: one json.dumps (the text) per event
         pre = json.dumps({**self.head, "choices": [{"text": None}]}, separators=(",", ":"))
         self._pre = ("data: " + pre[:pre.rindex('"text":null') + 7]).encode()
-        self._post = (',"index":0,"logprobs":null,"finish_reason":null}]' + (',"usage":null' * usage) + "}\n\n").encode()
+        self._post = (',"index":0,"logprobs":null,"finish_reason":null}]' + ',"usage":null' * usage
+                      + "}\n\n").encode()
 
     def whole(self, chunks: list[Chunk]) -> dict:
         """The non-streaming response."""

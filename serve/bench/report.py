@@ -231,7 +231,8 @@ def evaluate_targets(records: list[dict], skipped: list[dict], floor: list[dict]
                                note=f"{msg_label(r)} chars/msg, {r['details']['max_chars']} per request: "
                                     f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character{bare}; "
                                     f"{where(r)}{cpu_use(r)}"))
-    same = lambda r: (r["model"], r["backend"], r["precision"], r["threads"], r["concurrency"], msg_label(r))  # noqa: E731
+    same = lambda r: (r["model"], r["backend"], r["precision"], r["threads"], r["concurrency"],  # noqa: E731
+                      msg_label(r))
     beside = {same(r): r for r in records if r["mode"] == "grpc" and r["details"].get("coalesce")}
     for r in records:
         g = beside.get(same(r)) if r["mode"] == "http" and r["concurrency"] == 64 else None

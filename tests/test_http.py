@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -347,6 +348,27 @@ def test_idle_and_half_sent_connections_are_closed(models_dir, monkeypatch):
                 s.settimeout(5)
                 t0 = time.monotonic()
                 assert s.recv(100) == b"" and time.monotonic() - t0 < 3  # closed by the server
+
+
+def test_300_half_sent_connections_cost_no_thread_and_metrics_still_answer(models_dir):
+    """The old metrics port (prometheus_client's server) held a thread per connection: 319 gave 330 threads."""
+    with serving(models_dir, workers=0, metrics_port=0) as bg:
+        threads = threading.active_count()
+        held = []
+        try:
+            for port in (bg.server.http_port, bg.server.metrics_port):
+                for _ in range(150):
+                    s = socket.create_connection(("127.0.0.1", port))
+                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                    held.append(s)
+            time.sleep(0.3)
+            assert threading.active_count() <= threads + 2
+            for port in (bg.server.http_port, bg.server.metrics_port):
+                status, body = get(bg, "/metrics", port=port)
+                assert status == 200 and b"charrnn_requests_total" in body
+        finally:
+            for s in held:
+                s.close()
 
 
 # auth and CORS, for both front ends

@@ -4,6 +4,7 @@ Chromium. Texts are checked against gRPC and eager PyTorch: the same request giv
 """
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import math
@@ -316,6 +317,34 @@ def test_a_worker_that_dies_mid_stream_ends_it_with_an_error_event_and_health_sa
         assert post(bg, "/v1/completions", {"model": GRU, "prompt": "a"})[0] == 503
         wait_until(lambda: get(bg, "/health")[0] == 200, timeout=30)  # restarted
         assert post(bg, "/v1/completions", {"model": GRU, "prompt": "a", "max_tokens": 3})[0] == 200
+
+
+def test_a_drain_lets_http_streams_finish_within_the_grace_period_and_cuts_the_rest(models_dir):
+    bg = serving(models_dir, max_chars=BIG, workers=0)
+    try:
+        def open_stream(n):
+            conn = http.client.HTTPConnection("127.0.0.1", bg.server.http_port, timeout=30)
+            conn.request("POST", "/v1/completions", json.dumps({"model": GRU, "prompt": "the ", "max_tokens": n,
+                                                                "temperature": 0, "stream": True}))
+            response = conn.getresponse()
+            assert response.status == 200
+            return response
+
+        long, short = open_stream(BIG), open_stream(300)
+        long.readline()
+        stopping = asyncio.run_coroutine_threadsafe(bg.server.drain_and_stop(grace_s=1.5), bg._loop)
+        wait_until(lambda: bg.server.engine.draining, timeout=5)
+        assert get(bg, "/health")[0] == 503 and post(bg, "/v1/completions", {"model": GRU, "prompt": "a"})[0] == 503
+        assert short.read().endswith(b"data: [DONE]\n\n")  # finished within the grace period
+        t0 = time.monotonic()
+        try:
+            rest = long.read()
+        except http.client.IncompleteRead as e:  # the connection closed mid-chunk
+            rest = e.partial
+        assert not rest.endswith(b"data: [DONE]\n\n") and time.monotonic() - t0 < 10  # cut after the grace
+        stopping.result(30)
+    finally:
+        bg._close_loop()
 
 
 async def _drain(server):

@@ -490,6 +490,10 @@ def test_python_m_serve_serves_http_beside_grpc(tmp_path):
 # the playground
 
 
+def held_sessions(bg) -> float:
+    return float(re.search(rb"^charrnn_sessions (\S+)$", get(bg, "/metrics")[1], re.M).group(1))
+
+
 def _chromium():
     """A headless Chromium driven by selenium, or a skip saying what is missing."""
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra)")
@@ -532,6 +536,18 @@ def test_the_playground_streams_in_chromium_and_stop_cancels_the_stream(server, 
         shown = len(output.text)
         time.sleep(0.2)
         assert len(output.text) == shown
+        browser.find_element(By.ID, "continue").click()  # after a Stop: a new session that re-reads the text
+        browser.find_element(By.ID, "prompt").clear()
+        browser.find_element(By.ID, "max_tokens").clear()
+        browser.find_element(By.ID, "max_tokens").send_keys("50")
+        browser.find_element(By.ID, "generate").click()
+        wait.until(lambda b: b.find_element(By.ID, "status").text == "finished (length)")
+        assert len(output.text) == shown + 50 and browser.find_element(By.ID, "chars").text == "50"
+        sessions = held_sessions(server)
+        browser.find_element(By.ID, "generate").click()  # after a finished stream: its session continues
+        wait.until(lambda b: b.find_element(By.ID, "status").text == "finished (length)" and
+                   len(output.text) == shown + 100)
+        assert held_sessions(server) == sessions  # the same session, no new one
         browser.save_screenshot(str(tmp_path / "playground.png"))
         assert (tmp_path / "playground.png").stat().st_size > 10_000
     finally:

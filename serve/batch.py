@@ -2,10 +2,12 @@
 
 A row is a Generate stream whose prompt has been fed up to its last token. The batch keeps the rows'
 ids and request facts, their next tokens, their opaque runtime state (row i is stream i's), their
-sampling settings and counts in arrays (a column each), and their unsent characters in another. Rows
-join (`from_requests`, `concatenate`) and leave (`filter`) between steps; `step` runs the runtime once
-on (B, 1), samples every row (each with its own seeded generator, so a text does not depend on what
-else is batched) and returns the step's generations. One path for 1 row and for 256.
+sampling settings and counts in arrays (a column each), and the tokens of its recent steps (`hist`, a
+row per step: a row's unsent characters are its column's last few). Rows join (`from_requests`,
+`concatenate`) and leave (`filter`) between steps; `step` runs the runtime once on (B, 1), samples every
+row (each with its own seeded generator, so a text does not depend on what else is batched) and returns
+the step's generations. Each row's next message is at a known step (`due`: its chunk is full, or it
+reaches max_chars), so a step without one costs no per-row work. One path for 1 row and for 256.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import numpy as np
 
 from serve.types import CharLogprob, FinishReason, GenerateRequest, GenerateStats, SessionState
 from train.sampling import BatchSampler, Uniforms
+
+ROOM = 64  # steps `hist` holds beyond the widest chunk; then it keeps only its last `width` steps
 
 
 @dataclass
@@ -48,38 +52,50 @@ class Prefilled:
     credit: int  # messages it may send before its client takes some
 
 
-# the per-row columns (each a contiguous array; n_held: characters sampled, not yet sent; credit: messages
-# it may still send, see serve.engine). Plain arrays, not one structured array: a step at one row cost
-# 60-76 us with a structured array's field views, against 28-31 us before the redesign (2026-12-01).
+# the per-row columns, steps counted as places in `hist` (`at` is the next): due: when its chunk is full (its
+# unsent characters are from due - chunk on); end: when it reaches max_chars. last: its last character's time
+# (until the batch's first step); credit: messages it may still send (see serve.engine).
 COLS = {"temperature": np.float64, "top_k": np.int64, "top_p": np.float64, "max_chars": np.int64, "chunk": np.int64,
-        "generated": np.int64, "last": np.float64, "n_held": np.int64, "next": np.int64, "credit": np.int64}
+        "due": np.int64, "end": np.int64, "last": np.float64, "next": np.int64, "credit": np.int64}
 
 
 class Batch:
-    def __init__(self, rows: list[Row], cols: dict[str, np.ndarray], held: np.ndarray, rngs: list[Uniforms], state,
+    def __init__(self, rows: list[Row], cols: dict[str, np.ndarray], hist: np.ndarray, rngs: list[Uniforms], state,
                  chars: str):
-        self.rows, self.cols, self.held, self.rngs, self.state, self.chars = rows, cols, held, rngs, state, chars
+        self.rows, self.cols, self.rngs, self.state, self.chars = rows, cols, rngs, state, chars
+        self.width = int(cols["chunk"].max())
+        self.hist = np.pad(hist, ((0, ROOM), (0, 0)))  # (width + ROOM, B); `width` steps so far
+        self.at, self.last = self.width, None  # last: the time of the last step, once there has been one
         self.ids = [r.id for r in rows]
         self.sampler = BatchSampler(cols["temperature"], cols["top_k"], cols["top_p"], rngs, len(chars))
         self.watch = [i for i, r in enumerate(rows) if r.req.stop]  # rows that match stop sequences
         self.scored = [i for i, r in enumerate(rows) if r.req.logprobs is not None]  # rows that report logprobs
-        self.fresh = np.flatnonzero(cols["generated"] == 0).tolist()  # rows yet to sample their first character
-        self.all = np.arange(len(rows))
+        self.fresh = np.flatnonzero(cols["end"] - self.at == cols["max_chars"]).tolist()  # none sampled yet
+        self.next_end = int(cols["end"].min())
+        self.next_due = min(int(cols["due"].min()), self.next_end)  # the next step that sends a message
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @classmethod
     def from_requests(cls, ready: list[Prefilled], runtime) -> "Batch":
-        values = {"temperature": [p.row.req.temperature for p in ready], "top_k": [p.row.req.top_k for p in ready],
-                  "top_p": [p.row.req.top_p for p in ready], "max_chars": [p.row.req.max_chars for p in ready],
-                  "chunk": [p.row.req.chunk_chars for p in ready], "next": [p.token for p in ready],
-                  "credit": [p.credit for p in ready]}
-        cols = {k: np.array(values.get(k, [0] * len(ready)), t) for k, t in COLS.items()}
-        held = np.zeros((len(ready), int(cols["chunk"].max())), np.int64)  # row i's unsent: held[i, :n_held[i]]
-        rngs = [Uniforms(p.row.req.seed) for p in ready]
-        return cls([p.row for p in ready], cols, held, rngs, runtime.concat([p.state for p in ready]),
-                   runtime.vocab.chars)
+        reqs = [p.row.req for p in ready]
+        cols = {"temperature": [r.temperature for r in reqs], "top_k": [r.top_k for r in reqs],
+                "top_p": [r.top_p for r in reqs], "max_chars": [r.max_chars for r in reqs],
+                "chunk": [r.chunk_chars for r in reqs], "next": [p.token for p in ready], "credit": [p.credit for p in ready]}
+        cols = {k: np.array(cols.get(k, [0] * len(ready)), t) for k, t in COLS.items()}
+        at = int(cols["chunk"].max())
+        cols["due"], cols["end"] = at + cols["chunk"], at + cols["max_chars"]
+        return cls([p.row for p in ready], cols, np.zeros((at, len(ready)), np.int64),
+                   [Uniforms(r.seed) for r in reqs], runtime.concat([p.state for p in ready]), runtime.vocab.chars)
+
+    def _now(self, width: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """The columns and the last `width` steps of hist, as a new batch starts them (at = width)."""
+        cols, shift = dict(self.cols), width - self.at
+        cols["due"], cols["end"] = cols["due"] + shift, cols["end"] + shift
+        if self.last is not None:
+            cols["last"] = np.full(len(self.rows), self.last)
+        return cols, np.pad(self.hist[max(0, -shift):self.at], ((max(0, shift), 0), (0, 0)))
 
     def filter(self, keep: list[int], runtime) -> "Batch | None":
         """Only these rows (by index), in this order; None when none is kept."""
@@ -87,8 +103,8 @@ class Batch:
             return None
         if len(keep) == len(self.rows):
             return self
-        cols = {k: v[keep] for k, v in self.cols.items()}
-        return Batch([self.rows[i] for i in keep], cols, self.held[keep][:, :int(cols["chunk"].max())],
+        cols, hist = self._now(int(self.cols["chunk"][keep].max()))
+        return Batch([self.rows[i] for i in keep], {k: v[keep] for k, v in cols.items()}, hist[:, keep],
                      [self.rngs[i] for i in keep], runtime.take(self.state, keep), self.chars)
 
     @staticmethod
@@ -96,10 +112,10 @@ class Batch:
         batches = [b for b in batches if b is not None]
         if len(batches) < 2:
             return batches[0] if batches else None
-        width = max(b.held.shape[1] for b in batches)
-        held = np.concatenate([np.pad(b.held, ((0, 0), (0, width - b.held.shape[1]))) for b in batches])
-        cols = {k: np.concatenate([b.cols[k] for b in batches]) for k in COLS}
-        return Batch([r for b in batches for r in b.rows], cols, held, [g for b in batches for g in b.rngs],
+        width = max(b.width for b in batches)
+        now = [b._now(width) for b in batches]
+        return Batch([r for b in batches for r in b.rows], {k: np.concatenate([c[k] for c, _ in now]) for k in COLS},
+                     np.concatenate([h for _, h in now], axis=1), [g for b in batches for g in b.rngs],
                      runtime.concat([b.state for b in batches]), batches[0].chars)
 
     def step(self, runtime, now_fn, metrics=None) -> list[tuple[int, str, FinishReason | None, GenerateStats | None]]:
@@ -111,44 +127,48 @@ class Batch:
         tokens = c["next"] = self.sampler(logits)  # (B,)
         if self.scored:
             self._score(logits, tokens)
-        n_held, generated, last = c["n_held"], c["generated"], c["last"]
-        self.held[self.all, n_held] = tokens
-        n_held += 1
+        if self.at == len(self.hist):  # full: keep its last `width` steps (no row has more unsent)
+            shift = self.at - self.width
+            self.hist[:self.width] = self.hist[shift:]
+            c["due"] -= shift
+            c["end"] -= shift
+            self.at, self.next_due, self.next_end = self.width, self.next_due - shift, self.next_end - shift
+        self.hist[self.at] = tokens
+        self.at += 1
         for i in fresh:
             rows[i].first = now
         if metrics is not None:
             metrics.batch_size.observe(len(rows))
             for i in fresh:
                 metrics.ttfc.observe(now - rows[i].arrived)
-            gaps = now - (np.delete(last, fresh) if fresh else last)
-            if gaps.size == 1:
-                metrics.inter_char.observe(float(gaps[0]))
-            elif gaps.size:
-                metrics.inter_char.observe_many(gaps)
-        self.fresh = []
-        last.fill(now)
-        generated += 1
+            if self.last is not None:
+                metrics.inter_char.observe(now - self.last, len(rows))
+            elif len(fresh) < len(rows):
+                metrics.inter_char.observe_many(now - np.delete(c["last"], fresh))
+        self.fresh, self.last = [], now
         stops = {}
         for i in self.watch:
             stop = rows[i].match_stop(chars[tokens[i]])
             if stop is not None:
                 stops[i] = stop
-        ends = generated >= c["max_chars"]
-        due = np.flatnonzero(ends | (n_held >= c["chunk"])).tolist()
-        if stops:
-            due = sorted(set(due) | set(stops))
-        if not due:
+        at = self.at
+        if at < self.next_due and not stops:
             return []
-        out = []
-        for i in due:
-            text = "".join([chars[t] for t in self.held[i, :n_held[i]].tolist()])
-            if ends[i] or i in stops:
+        due = (c["due"] <= at).nonzero()[0]  # (flatnonzero: twice the cost at one row; so are lists as indices)
+        ended = set((c["end"] <= at).nonzero()[0].tolist()) if at >= self.next_end else set()
+        if stops or ended:
+            due = np.union1d(due, [*stops, *ended])
+        out, start = [], c["due"] - c["chunk"]
+        for i in due.tolist():
+            text = "".join([chars[t] for t in self.hist[start[i]:at, i].tolist()])
+            if i in ended or i in stops:
                 reason = FinishReason.STOP if i in stops else FinishReason.LENGTH
                 out.append((i, text, reason, self._stats(i, now, stops.get(i, ""))))
             else:
                 out.append((i, text, None, None))
-        n_held[due] = 0
+        c["due"][due] += c["chunk"][due]  # rows that end leave the batch
         c["credit"][due] -= 1
+        self.next_due = min(int(c["due"].min()), self.next_end)
         return out
 
     def _score(self, logits: np.ndarray, tokens: np.ndarray) -> None:
@@ -172,7 +192,7 @@ class Batch:
                                             tuple(zip([chars[t] for t in best[:k]], top_lp[j][:k]))))
 
     def _stats(self, i: int, now: float, stop: str) -> GenerateStats:
-        row, n = self.rows[i], int(self.cols["generated"][i])
+        row, n = self.rows[i], int(self.cols["max_chars"][i] - self.cols["end"][i] + self.at)
         total = now - row.arrived
         return GenerateStats(prompt_chars=len(row.req.prompt), generated_chars=n,
                              time_to_first_char_s=row.first - row.arrived, total_s=total,

@@ -25,9 +25,9 @@ class Histo:
         self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
         self.edges = np.asarray(bounds)  # for observe_many
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.sum += value * n
 
     def observe_many(self, values: np.ndarray) -> None:
         """`observe` each of the values (an array), in a few array operations."""

@@ -1,13 +1,11 @@
 """The running batch of one model: its rows decode together, one vectorized `step` per character.
 
-A row is a Generate stream whose prompt has been fed up to its last token. The batch keeps the rows'
-ids and request facts, their next tokens, their opaque runtime state (row i is stream i's), their
-sampling settings and counts in arrays (a column each), and the tokens of its recent steps (`hist`, a
-row per step: a row's unsent characters are its column's last few). Rows join (`from_requests`,
-`concatenate`) and leave (`filter`) between steps; `step` runs the runtime once on (B, 1), samples every
-row (each with its own seeded generator, so a text does not depend on what else is batched) and returns
-the step's generations. Each row's next message is at a known step (`due`: its chunk is full, or it
-reaches max_chars), so a step without one costs no per-row work. One path for 1 row and for 256.
+A row is a Generate stream whose prompt has been fed but for its last token. The batch keeps the rows'
+facts, next tokens and opaque runtime state, their settings and counts in arrays (a column each), and the
+tokens of its recent steps (`hist`, a row per step). Rows join (`from_requests`, `concatenate`) and leave
+(`filter`) between steps. Each row samples with its own seeded generator (its text does not depend on
+what else is batched), and its next message is at a known step, so a step in which no row's message is
+due costs no per-row work. One path for 1 row and for 256.
 """
 from __future__ import annotations
 
@@ -44,10 +42,10 @@ class Row:
 
 @dataclass
 class Prefilled:
-    """A request whose prompt has been fed but for its last token: ready to join a batch."""
+    """A request on its way into a batch: it joins once its prompt has been fed but for the last token."""
 
     row: Row
-    token: int  # the last token, fed by the row's first step
+    tokens: np.ndarray  # what it still has to feed (the last token: by the row's first step)
     state: object  # the runtime state of this one stream
     credit: int  # messages it may send before its client takes some
 
@@ -82,7 +80,8 @@ class Batch:
         reqs = [p.row.req for p in ready]
         cols = {"temperature": [r.temperature for r in reqs], "top_k": [r.top_k for r in reqs],
                 "top_p": [r.top_p for r in reqs], "max_chars": [r.max_chars for r in reqs],
-                "chunk": [r.chunk_chars for r in reqs], "next": [p.token for p in ready], "credit": [p.credit for p in ready]}
+                "chunk": [r.chunk_chars for r in reqs], "next": [p.tokens[-1] for p in ready],
+                "credit": [p.credit for p in ready]}
         cols = {k: np.array(cols.get(k, [0] * len(ready)), t) for k, t in COLS.items()}
         at = int(cols["chunk"].max())
         cols["due"], cols["end"] = at + cols["chunk"], at + cols["max_chars"]

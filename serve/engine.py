@@ -2,10 +2,9 @@
 worker (serve.link), and turns each stream's generations back into `Chunk`s. It keeps no hidden state:
 only the ids of the streams in flight, their queues, and their credit.
 
-Backpressure is one thing, credits: a stream may run `max_unsent` messages ahead of what its handler has
-taken; the handler grants more as it takes them (a quarter of the window at a time). A stream without
-credit leaves its batch in the worker and rejoins when credit comes. With `coalesce`, a message is
-everything queued. A client that takes nothing for `stall_timeout_s` has its stream ended (its slot freed).
+Backpressure is credits (docs/design.md): a stream may run `max_unsent` messages ahead of its handler,
+which grants more as its client takes them; a stream whose client takes nothing for `stall_timeout_s`
+is ended.
 """
 from __future__ import annotations
 
@@ -98,8 +97,9 @@ class Engine:
         self.routes: dict[str, WorkerLink] = {}
         self.vocabs: dict[str, Vocab] = {}
         self.streams: dict[int, _Stream] = {}  # Generate streams and Predict calls in flight, all models
-        self.draining, self._ids, self._idle, self._sweeper = False, itertools.count(), asyncio.Event(), None
-        self._idle.set()
+        self.draining = False  # set: new requests are refused (UNAVAILABLE); those in flight carry on
+        self.idle, self._ids, self._sweeper = asyncio.Event(), itertools.count(), None  # idle: no request in flight
+        self.idle.set()
 
     @property
     def in_flight(self) -> int:
@@ -107,7 +107,7 @@ class Engine:
 
     # lifecycle
 
-    async def start(self, health: Callable[[list[str], bool], None] | None = None) -> None:
+    async def start(self, health: Callable[[list[str], bool], None]) -> None:
         """Attach to the workers on the running loop. health(models, serving): a worker died or is back."""
         for link in self.links:
             await link.start(health)
@@ -115,13 +115,6 @@ class Engine:
                 self.routes[name], self.vocabs[name] = link, Vocab(info.vocab)
                 self.metrics.model(name)
         self._sweeper = asyncio.ensure_future(self._sweep_stalled())
-
-    def drain(self) -> None:
-        """Refuse new requests from now on (UNAVAILABLE); those in flight carry on."""
-        self.draining = True
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
 
     async def stop(self) -> None:
         if self._sweeper:
@@ -225,7 +218,7 @@ class Engine:
             raise ResourceExhausted(f"the server is at its limit of {self.cfg.max_streams} concurrent requests")
         s = _Stream(next(self._ids), link, session_id)
         self.streams[s.id] = s
-        self._idle.clear()
+        self.idle.clear()
         return s
 
     def _close(self, s: _Stream, model: str) -> None:
@@ -234,7 +227,7 @@ class Engine:
         if not s.ended and not s.link.dead:  # cancelled, failed on the way: the worker drops it
             s.link.send(Cancel(s.id, model))
         if not self.streams:
-            self._idle.set()
+            self.idle.set()
 
     def _route(self, model: str):
         if self.draining:

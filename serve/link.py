@@ -4,11 +4,9 @@ A `WorkerLink` runs `serve.worker.worker_main` in a process of its own (spawned,
 onnxruntime's threads do not survive a fork) or, with `--workers 0`, in a thread of this process: the
 same code over the same socket pair, a pickled list of messages per write each way.
 
-A worker process that dies (killed, crashed) ends its streams with UNAVAILABLE and loses its sessions;
-the link remembers which session ids it held (ids only, at most max_sessions) so the next request on one
-is marked `lost` (serve.sessions). It is restarted at once when it had run for RESTART_STABLE_S, else
-after a delay that doubles from RESTART_FIRST_S to RESTART_MAX_S; it is never given up on. Meanwhile its
-models answer UNAVAILABLE and their health (and the server's) says NOT_SERVING.
+A worker process that dies ends its streams with UNAVAILABLE and loses its sessions (the link keeps their
+ids, so the next request on one is marked `lost`); it is restarted with a backoff, never given up on, and
+meanwhile its models are NOT_SERVING (docs/design.md, "When a worker process dies").
 """
 from __future__ import annotations
 
@@ -39,24 +37,19 @@ class WorkerLink(asyncio.Protocol):
         self.models: dict = {}  # name -> serve.types.ModelInfo
         self.dead: str | None = None  # why its models cannot serve now
         self.sessions_held = 0  # as the worker last said
-        self._stored: OrderedDict[str, None] = OrderedDict()  # session ids whose state the worker holds
-        self._lost: OrderedDict[str, None] = OrderedDict()  # ... that it held when it died
+        self._sessions: OrderedDict[str, bool] = OrderedDict()  # ids of the sessions it holds: True once lost
         self._out: list = []
         self._stopping, self._restarting, self._delay = False, None, 0.0
         self._spawn()
 
     def _spawn(self) -> None:
         self.sock, child = socket.socketpair()
-        if self.in_process:
-            self.process = threading.Thread(target=worker_main, args=(child, self.opener, self.settings, False),
-                                            name=f"charrnn-worker-{self.index}", daemon=True)
-        else:
-            self.process = multiprocessing.get_context("spawn").Process(
-                target=worker_main, name=f"charrnn-worker-{self.index}", daemon=True,
-                args=(child, self.opener, self.settings))
+        kind = threading.Thread if self.in_process else multiprocessing.get_context("spawn").Process
+        self.process = kind(target=worker_main, name=f"charrnn-worker-{self.index}", daemon=True,
+                            args=(child, self.opener, self.settings, not self.in_process))
         self.process.start()
         if not self.in_process:
-            child.close()
+            child.close()  # the worker process has its own
         self.started_at = time.monotonic()
         self._transport, self._buf, self._closed = None, bytearray(), None
 
@@ -73,7 +66,7 @@ class WorkerLink(asyncio.Protocol):
             raise RuntimeError(ready.error)
         self.models = ready.models
 
-    async def start(self, health=None) -> None:
+    async def start(self, health) -> None:
         """Read the worker's messages on the running loop. health(models, serving): it died, or is back."""
         self.health, self._closed = health, asyncio.Event()
         await asyncio.get_running_loop().create_connection(lambda: self, sock=self.sock)
@@ -94,15 +87,14 @@ class WorkerLink(asyncio.Protocol):
     # sessions: ids only
 
     def stored(self, session_id: str) -> None:
-        self._stored[session_id] = None
-        self._stored.move_to_end(session_id)
-        if len(self._stored) > self.settings["max_sessions"]:
-            self._stored.popitem(last=False)
+        self._sessions[session_id] = False
+        self._sessions.move_to_end(session_id)
+        if len(self._sessions) > self.settings["max_sessions"]:
+            self._sessions.popitem(last=False)
 
     def take_lost(self, session_id: str) -> bool:
-        """Whether the session's state was lost with a worker that died (said once)."""
-        self._stored.pop(session_id, None)  # checked out: stored again when its stream ends
-        return self._lost.pop(session_id, False) is None  # its value is None
+        """Whether the session's state was lost with a worker that died; forgets the id until its stream ends."""
+        return self._sessions.pop(session_id, False)
 
     # asyncio.Protocol
 
@@ -124,20 +116,16 @@ class WorkerLink(asyncio.Protocol):
         self.dead = f"the worker process running model(s) {', '.join(self.models)} exited (code " \
                     f"{getattr(self.process, 'exitcode', None)}); it is being restarted"
         log.error("%s", self.dead)
-        self._lost.update(self._stored)
-        self._stored = OrderedDict()
-        while len(self._lost) > self.settings["max_sessions"]:
-            self._lost.popitem(last=False)
+        self._sessions = OrderedDict.fromkeys(self._sessions, True)
         self.on_death(self, Unavailable(self.dead))
-        if self.health:
-            self.health(list(self.models), False)
+        self.health(list(self.models), False)
         self._restarting = asyncio.ensure_future(self._restart())
 
     async def _restart(self) -> None:
         """A new worker for the same models, after a backoff; until it serves, never giving up."""
-        up = time.monotonic() - self.started_at
-        self._delay = 0.0 if up >= RESTART_STABLE_S else min(max(2 * self._delay, RESTART_FIRST_S), RESTART_MAX_S)
+        stable = time.monotonic() - self.started_at >= RESTART_STABLE_S
         while not self._stopping:
+            self._delay = 0.0 if stable else min(max(2 * self._delay, RESTART_FIRST_S), RESTART_MAX_S)
             if self._delay:
                 log.info("restarting %s in %.1f s", self.process.name, self._delay)
                 await asyncio.sleep(self._delay)
@@ -146,16 +134,13 @@ class WorkerLink(asyncio.Protocol):
             try:
                 await asyncio.get_running_loop().run_in_executor(None, self.wait_ready)
                 await self.start(self.health)
-                break
             except (RuntimeError, OSError) as e:
                 log.error("%s could not be restarted: %s", self.process.name, e)
-                self._delay = min(max(2 * self._delay, RESTART_FIRST_S), RESTART_MAX_S)
-        else:
-            return
-        self.dead = None
-        log.info("%s restarted: serving %s again", self.process.name, ", ".join(self.models))
-        if self.health:
-            self.health(list(self.models), True)
+                stable = False
+                continue
+            self.dead = None
+            log.info("%s restarted: serving %s again", self.process.name, ", ".join(self.models))
+            return self.health(list(self.models), True)
 
     async def stop(self) -> None:
         self._stopping = True

@@ -237,9 +237,9 @@ class Server:
         grace_s = self.cfg.grace_s if grace_s is None else grace_s
         t0 = time.monotonic()
         await self.health.enter_graceful_shutdown()
-        self.engine.drain()
+        self.engine.draining = True
         log.info("draining: %d request(s) in flight, %.1f s grace", self.engine.in_flight, grace_s)
-        waits = [asyncio.ensure_future(self.engine.wait_idle()), asyncio.ensure_future(self._hurry.wait())]
+        waits = [asyncio.ensure_future(self.engine.idle.wait()), asyncio.ensure_future(self._hurry.wait())]
         await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
             w.cancel()

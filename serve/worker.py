@@ -1,14 +1,12 @@
 """The model side: a worker owns its runtimes, each model's running batch and the session state cache.
 
 One thread per model (the only caller of its `runtime.step`) takes the front end's messages and answers
-each turn with one `Generations`. Hidden state never leaves the worker: streams start from a session's
-state here and leave theirs here. `worker_main` runs in a process of its own (a socket to the front end)
-or, with `--workers 0`, in a thread of the server's process over the same socket.
+each turn with one `Generations`; hidden state never leaves the worker. `worker_main` runs in a process
+of its own or, with `--workers 0`, in a thread of the server's process, over the same socket.
 
-A turn: take the messages that came; admit waiting streams while the batch has room (`max_batch`); feed
-one chunk (`prefill_chunk`) of every prompt, batched by length; prompts down to their last token join the
-batch; `Batch.step`. A stream that has used its credit leaves the batch with its state (parked) and
-rejoins when credit comes, so a client that stops reading holds up no one.
+A turn: take the messages; prefill a chunk (`prefill_chunk`) of as many waiting prompts as the batch has
+room for (`max_batch`), batched by length; those fed but for their last token join the batch;
+`Batch.step`. A stream without credit leaves the batch with its state (parked) until credit comes.
 """
 from __future__ import annotations
 
@@ -17,8 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections import defaultdict, deque
-from dataclasses import dataclass
+from collections import defaultdict
 
 import numpy as np
 
@@ -33,27 +30,14 @@ log = logging.getLogger(__name__)
 
 METRICS_EVERY_S = 0.1  # a model's metrics go with its generations this often, and whenever streams come or go
 
-
-@dataclass
-class _Entry:
-    """A stream before it joins the batch: the tokens it still has to feed, from this state."""
-
-    msg: Submit
-    tokens: np.ndarray
-    state: object
-    how: SessionState
-
-
 class ModelLoop:
     def __init__(self, name: str, runtime, sessions: SessionCache, emit, max_batch: int, prefill_chunk: int):
         self.name, self.rt, self.sessions, self.emit = name, runtime, sessions, emit
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.metrics, self.state_bytes = ModelMetrics(), 4 * runtime.hidden_size * runtime.num_states
-        self.waiting: deque[_Entry] = deque()
-        self.prefilling: list[_Entry] = []
+        self.waiting: list[Prefilled] = []  # streams not in the batch yet, in order; the first ones are prefilled
         self.batch: Batch | None = None
         self.parked: dict[int, Batch] = {}  # one-row batches without credit
-        self.credit: dict[int, int] = defaultdict(int)  # granted to streams not in the batch yet (or this turn)
         self.live: dict[int, tuple[str, Session | None]] = {}  # id -> its session id and the session it continues
         self._inbox, self._cv = [], threading.Condition()
         self._active, self._metrics_at = 0, 0.0
@@ -65,13 +49,14 @@ class ModelLoop:
             self._inbox += msgs
             self._cv.notify()
 
-    def _room(self) -> int:
-        return self.max_batch - len(self.prefilling) - len(self.batch or ())
+    def _admitted(self) -> list[Prefilled]:
+        """The waiting streams that the batch has room for (`max_batch`): those being prefilled."""
+        return self.waiting[:max(0, self.max_batch - len(self.batch or ()))]
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._inbox or self.prefilling or self.batch or (self.waiting and self._room())):
+                while not (self._inbox or self.batch or self._admitted()):
                     self._cv.wait()
                 msgs, self._inbox = self._inbox, []
             out = Generations(self.name)
@@ -87,8 +72,9 @@ class ModelLoop:
             now = time.monotonic()
             if len(self.live) != self._active or out.ends or out.errors or now - self._metrics_at >= METRICS_EVERY_S:
                 self._active, self._metrics_at = len(self.live), now
-                self.metrics.active.set(len(self.live) - len(self.waiting))
-                self.metrics.queued.set(len(self.waiting))
+                queued = len(self.waiting) - len(self._admitted())
+                self.metrics.active.set(len(self.live) - queued)
+                self.metrics.queued.set(queued)
                 out.metrics, out.sessions = self.metrics.snapshot(), len(self.sessions)
             if out:
                 self.emit(out)
@@ -104,8 +90,8 @@ class ModelLoop:
                 if m.id in self.parked:  # back into the batch
                     self.parked[m.id].cols["credit"] += m.n
                     self.batch = Batch.concatenate([self.batch, self.parked.pop(m.id)], self.rt)
-                elif m.id in self.live:
-                    self.credit[m.id] += m.n
+                elif self.batch is not None and m.id in self.batch.ids:  # else it has ended
+                    self.batch.cols["credit"][self.batch.ids.index(m.id)] += m.n
             elif kind is Submit:
                 self._submit(m, out)
             elif kind is Cancel:
@@ -118,47 +104,41 @@ class ModelLoop:
                     out.errors[m.id] = error_of(exc)
 
     def _submit(self, m: Submit, out: Generations) -> None:
-        session, how, sid = None, SessionState.NONE, m.req.session_id
+        sid = m.req.session_id
         try:
-            if sid:
-                with self.sessions.lock:
-                    session, how = self.sessions.checkout(sid, self.name, m.req.require_session, m.lost)
-            tokens = np.concatenate([session.pending, m.prompt]) if session else m.prompt
-            if len(tokens) == 0:  # the front end refuses an empty prompt without a session_id
-                raise NotFound(f"session {sid!r} has no state to continue ({how.value}): give a prompt")
+            session, how = self.sessions.checkout(sid, self.name, m.req.require_session, m.lost) if sid else \
+                (None, SessionState.NONE)
         except Exception as exc:
-            self._checkin(sid, session)
             out.errors[m.id] = error_of(exc)
             return
+        tokens = np.concatenate([session.pending, m.prompt]) if session else m.prompt
+        if len(tokens) == 0:  # the front end refuses an empty prompt without a session_id
+            self.sessions.checkin(sid, None)
+            out.errors[m.id] = error_of(NotFound(f"session {sid!r} has no state to continue ({how.value}): "
+                                                 "give a prompt"))
+            return
         self.live[m.id] = (sid, session)
-        self.waiting.append(_Entry(m, tokens, session.state if session else self.rt.new_state(1), how))
+        self.waiting.append(Prefilled(Row(m.id, m.req, how, m.arrived), tokens,
+                                      session.state if session else self.rt.new_state(1), m.credit))
 
     def _end(self, sid: int, cancelled: bool = False, session: Session | None = None) -> None:
         """The stream has gone: its session takes the new state, or (cancelled, failed) the one it had before."""
         if sid not in self.live:
             return
         session_id, before = self.live.pop(sid)
-        self._checkin(session_id, before if cancelled else session)
-        self.credit.pop(sid, None)
+        self.sessions.checkin(session_id, before if cancelled else session)
         if cancelled:
-            self.waiting = deque(e for e in self.waiting if e.msg.id != sid)
-            self.prefilling = [e for e in self.prefilling if e.msg.id != sid]
+            self.waiting = [e for e in self.waiting if e.row.id != sid]
             self.parked.pop(sid, None)
             if self.batch is not None and sid in self.batch.ids:
                 self.batch = self.batch.filter([i for i, x in enumerate(self.batch.ids) if x != sid], self.rt)
 
-    def _checkin(self, session_id: str, session: Session | None) -> None:
-        if session_id:
-            with self.sessions.lock:
-                self.sessions.checkin(session_id, session)
-
     def _fail_all(self, exc: BaseException, out: Generations) -> None:
         """End every stream here with exc, sessions as they were before; no runtime call (it may be what failed)."""
         for sid, (session_id, before) in self.live.items():
-            self._checkin(session_id, before)
+            self.sessions.checkin(session_id, before)
             out.errors[sid] = error_of(exc)
-        self.live, self.waiting, self.prefilling, self.batch, self.parked = {}, deque(), [], None, {}
-        self.credit.clear()
+        self.live, self.waiting, self.batch, self.parked = {}, [], None, {}
 
     def _predict(self, m: Predict) -> list[Prediction]:
         """A one-shot call on the runtime: the text from a zero state, the top_k next characters."""
@@ -171,17 +151,15 @@ class ModelLoop:
     # a turn: admit, prefill, step
 
     def _turn(self, out: Generations) -> None:
-        while self.waiting and self._room() > 0:
-            self.prefilling.append(self.waiting.popleft())
-        if self.prefilling:
+        if self._admitted():
             self._prefill()
         if self.batch is not None:
             self._step(out)
 
     def _prefill(self) -> None:
         """Feed all but the last token of each prompt (a chunk at most per turn), batched by length."""
-        groups: dict[int, list[_Entry]] = defaultdict(list)
-        for e in self.prefilling:
+        admitted, groups = self._admitted(), defaultdict(list)
+        for e in admitted:
             if len(e.tokens) > 1:
                 groups[min(len(e.tokens) - 1, self.prefill_chunk)].append(e)
         rt = self.rt
@@ -189,19 +167,13 @@ class ModelLoop:
             _, state = rt.step(np.stack([e.tokens[:n] for e in group]), rt.concat([e.state for e in group]))
             for i, e in enumerate(group):
                 e.tokens, e.state = e.tokens[n:], rt.take(state, [i])
-        ready = [e for e in self.prefilling if len(e.tokens) == 1]
+        ready = [e for e in admitted if len(e.tokens) == 1]
         if ready:
-            self.prefilling = [e for e in self.prefilling if len(e.tokens) > 1]
-            rows = [Prefilled(Row(e.msg.id, e.msg.req, e.how, e.msg.arrived), int(e.tokens[0]), e.state,
-                              e.msg.credit + self.credit.pop(e.msg.id, 0)) for e in ready]
-            self.batch = Batch.concatenate([self.batch, Batch.from_requests(rows, rt)], rt)
+            self.waiting = [e for e in admitted if len(e.tokens) > 1] + self.waiting[len(admitted):]
+            self.batch = Batch.concatenate([self.batch, Batch.from_requests(ready, rt)], rt)
 
     def _step(self, out: Generations) -> None:
-        batch, credit = self.batch, self.batch.cols["credit"]
-        if self.credit:
-            for i, sid in enumerate(batch.ids):
-                credit[i] += self.credit.pop(sid, 0)
-        leaving = set()
+        batch, credit, leaving = self.batch, self.batch.cols["credit"], set()
         for i, text, finish, stats in batch.step(self.rt, time.perf_counter, self.metrics):
             sid = batch.ids[i]
             out.ids.append(sid)

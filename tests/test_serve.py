@@ -217,7 +217,7 @@ def test_a_batch_gives_each_row_the_text_it_would_have_alone(models_dir):
 
     def prefilled(i):
         _, state = rt.step(vocab.encode("th")[None], rt.new_state(1))
-        return Prefilled(Row(i, reqs[i], SessionState.NONE, 0.0), int(vocab.encode("e")[0]), state, 10**6)
+        return Prefilled(Row(i, reqs[i], SessionState.NONE, 0.0), vocab.encode("e"), state, 10**6)
 
     def messages(batch_of_rows):
         got = {}

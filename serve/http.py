@@ -281,9 +281,8 @@ class HttpFront:
                                    shutdown_timeout=SHUTDOWN_TIMEOUT_S, access_log=None)
             await runner.setup()
             self._runners.append(runner)
-            site = web.TCPSite(runner, self.cfg.host, port, reuse_port=False)
-            await site.start()
-            ports.append(site._server.sockets[0].getsockname()[1])
+            await web.TCPSite(runner, self.cfg.host, port, reuse_port=False).start()
+            ports.append(runner.addresses[0][1])
         return ports[0], ports[1]
 
     async def stop(self) -> None:

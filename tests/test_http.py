@@ -563,3 +563,9 @@ def test_loadgen_drives_http_as_it_drives_grpc(server):
     over_grpc = loadgen.run(loadgen.parse_args([*common, "--target", server.target, "--coalesce"]))
     for r in (over_http, over_grpc):
         assert (r["ok"], r["errors"], r["chars"]) == (8, {}, 240) and r["ttfc_ms"]["p50"] > 0
+
+
+def test_a_taken_http_port_is_a_clear_start_error(server, models_dir):
+    with pytest.raises(StartError, match=f"HTTP port {server.server.http_port}"):
+        BackgroundServer(ServerConfig(models=models_dir, port=0, http_port=server.server.http_port, workers=0))
+    assert get(server, "/health")[0] == 200  # the first server serves on

@@ -9,15 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
-import os
 import socket
 import threading
 import time
 from collections import OrderedDict
-from multiprocessing.connection import Connection
 
 from serve.errors import Unavailable
-from serve.messages import Ready, frame, unframe
+from serve.messages import Ready, frame, read_frame, unframe
 from serve.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -54,8 +52,8 @@ class WorkerLink(asyncio.Protocol):
     def wait_ready(self) -> None:
         """Block until the worker has opened its models (RuntimeError saying why it could not)."""
         try:
-            with Connection(os.dup(self.sock.fileno())) as conn:  # reads no further: later bytes stay for the loop
-                ready: Ready = conn.recv()
+            with self.sock.makefile("rb", buffering=0) as f:  # unbuffered: later bytes stay for the loop
+                ready: Ready = read_frame(f)
         except (EOFError, OSError):
             self.process.join(5)
             raise RuntimeError(f"{self.process.name} exited (code {getattr(self.process, 'exitcode', None)}) "

@@ -85,9 +85,17 @@ _HEADER = struct.Struct("!I")
 
 
 def frame(obj) -> bytes:
-    """obj pickled behind its length, as multiprocessing.connection.Connection.send writes it (the worker's end)."""
     data = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
     return _HEADER.pack(len(data)) + data
+
+
+def read_frame(f):
+    """The next object from a blocking binary file; EOFError once the other end has closed."""
+    header = f.read(_HEADER.size)
+    data = f.read(_HEADER.unpack(header)[0]) if len(header) == _HEADER.size else b""
+    if not data:
+        raise EOFError
+    return pickle.loads(data)
 
 
 def unframe(buf: bytearray) -> list:

@@ -11,13 +11,12 @@ import socket
 import threading
 import time
 from collections import defaultdict
-from multiprocessing.connection import Connection
 
 import numpy as np
 
 from serve.batch import Batch, Prefilled, Row
 from serve.errors import NotFound
-from serve.messages import Cancel, Credit, Generations, Predict, Ready, Submit, error_of
+from serve.messages import Cancel, Credit, Generations, Predict, Ready, Submit, error_of, frame, read_frame
 from serve.metrics import ModelMetrics
 from serve.sessions import Session, SessionCache
 from serve.types import ModelInfo, Prediction, SessionState
@@ -62,7 +61,10 @@ class ModelLoop:
             out = Generations(self.name)
             try:
                 self._take(msgs, out)
-                self._turn(out)
+                if self._admitted():
+                    self._prefill()
+                if self.batch is not None:
+                    self._step(out)
             except Exception as exc:  # a backend failure ends this model's streams, not the server
                 log.exception("%s: step failed; ending its %d streams", self.name, len(self.live))
                 self._fail_all(exc, out)
@@ -141,12 +143,6 @@ class ModelLoop:
         p /= p.sum()
         return [Prediction(self.rt.vocab.chars[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:m.top_k]]
 
-    def _turn(self, out: Generations) -> None:
-        if self._admitted():
-            self._prefill()
-        if self.batch is not None:
-            self._step(out)
-
     def _prefill(self) -> None:
         """Feed all but the last token of each prompt (a chunk at most per turn), batched by length."""
         admitted, groups = self._admitted(), defaultdict(list)
@@ -191,29 +187,31 @@ def worker_main(sock: socket.socket, opener, settings: dict, own_process: bool =
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    conn, lock = Connection(sock.detach()), threading.Lock()  # conn: pickles behind a length, as serve.messages
+    lock = threading.Lock()
 
     def emit(gens: Generations) -> None:  # on a model's thread
+        data = frame(gens)
         try:
             with lock:
-                conn.send(gens)
+                sock.sendall(data)
         except OSError:  # the front end is gone; the reader below sees it too and stops
             pass
 
-    with conn:
+    with sock:
         try:
             runtimes = opener()
         except Exception as e:
-            return conn.send(Ready(None, str(e)))
+            return sock.sendall(frame(Ready(None, str(e))))
         sessions = SessionCache(settings["session_ttl_s"], settings["max_sessions"],
                                 max_bytes=settings["max_session_bytes"])
         loops = {name: ModelLoop(name, rt, sessions, emit, settings["max_batch"], settings["prefill_chunk"])
                  for name, rt in runtimes.items()}
-        conn.send(Ready({name: ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars, rt.backend)
-                         for name, rt in runtimes.items()}))
+        sock.sendall(frame(Ready({name: ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars,
+                                                  rt.backend) for name, rt in runtimes.items()})))
+        f = sock.makefile("rb")
         while True:
             try:
-                msgs = conn.recv()
+                msgs = read_frame(f)
             except (EOFError, OSError):  # the server is stopping (or gone): each model ends its turn
                 for loop in loops.values():
                     loop.post([], stop=True)

@@ -1,11 +1,8 @@
 """The running batch of one model: its rows decode together, one vectorized `step` per character.
 
-A row is a Generate stream whose prompt has been fed but for its last token. The batch keeps the rows'
-facts, next tokens and opaque runtime state, their settings and counts in arrays (a column each), and the
-tokens of its recent steps (`hist`, a row per step). Rows join (`from_requests`, `concatenate`) and leave
-(`filter`) between steps. Each row samples with its own seeded generator (its text does not depend on
-what else is batched), and its next message is at a known step, so a step in which no row's message is
-due costs no per-row work. One path for 1 row and for 256.
+Rows join (`from_requests`, `concatenate`) and leave (`filter`) between steps; each samples with its own
+seeded generator, so its text does not depend on what else is batched. A row's next message is at a known
+step, so a step in which none is due costs no per-row work. One path for 1 row and for 256.
 """
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
 """The front end below the gRPC edge: validates requests, bounds them, routes them by model to their
-worker (serve.link), and turns each stream's generations back into `Chunk`s. It keeps no hidden state:
-only the ids of the streams in flight, their queues, and their credit.
-
-Backpressure is credits (docs/design.md): a stream may run `max_unsent` messages ahead of its handler,
-which grants more as its client takes them; a stream whose client takes nothing for `stall_timeout_s`
-is ended.
+worker (serve.link), turns each stream's generations back into `Chunk`s and grants it credit as its client
+takes them (docs/design.md). It keeps no hidden state: only the streams in flight, their queues and credit.
 """
 from __future__ import annotations
 
@@ -23,7 +19,7 @@ import numpy as np
 from serve.config import ServerConfig
 from serve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from serve.link import WorkerLink
-from serve.messages import Cancel, Credit, Generations, Predict, Submit, exception_of
+from serve.messages import Cancel, Credit, Generations, Predict, Submit
 from serve.metrics import Metrics
 from serve.types import Chunk, GenerateRequest, ModelInfo, Prediction, PredictRequest
 from train.vocab import Vocab
@@ -105,8 +101,6 @@ class Engine:
     def in_flight(self) -> int:
         return len(self.streams)
 
-    # lifecycle
-
     async def start(self, health: Callable[[list[str], bool], None]) -> None:
         """Attach to the workers on the running loop. health(models, serving): a worker died or is back."""
         for link in self.links:
@@ -139,7 +133,7 @@ class Engine:
                 s.put(Chunk(text, logprobs=logprobs[sid]))
             else:
                 s.put(text)
-        for sid, last in [*((i, exception_of(e)) for i, e in g.errors.items()), *g.predictions.items()]:
+        for sid, last in [*g.errors.items(), *g.predictions.items()]:
             if sid in streams:  # an error ends a stream; predictions answer a Predict call
                 streams[sid].ended = True
                 streams[sid].put(last)
@@ -155,8 +149,6 @@ class Engine:
             if link is None or s.link is link:
                 s.ended = True
                 s.put(exc)
-
-    # the protocol
 
     def models(self) -> list[ModelInfo]:
         return [info for link in self.links for info in link.models.values()]
@@ -210,8 +202,6 @@ class Engine:
         finally:
             self._close(s, req.model)
 
-    # helpers
-
     def _open(self, link, session_id: str = "") -> _Stream:
         """A stream takes one of max_streams places (Generate streams and Predict calls together)."""
         if len(self.streams) >= self.cfg.max_streams:
@@ -234,9 +224,7 @@ class Engine:
             raise Unavailable("the server is shutting down")
         if not model:
             raise InvalidArgument("model is required (ListModels lists them)")
-        if len(model) > self.cfg.max_model_chars:
-            raise InvalidArgument(f"model name has {len(model)} characters; the server allows "
-                                  f"{self.cfg.max_model_chars}")
+        self._check_length("model name", model, self.cfg.max_model_chars)
         link = self.routes.get(model)
         if link is None:
             raise NotFound(f"unknown model {shown(model)}; loaded: {', '.join(self.routes)}")

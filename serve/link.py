@@ -1,12 +1,8 @@
 """The front end's handle on one worker: messages out once per turn of the event loop, Generations in.
 
-A `WorkerLink` runs `serve.worker.worker_main` in a process of its own (spawned, not forked: gRPC's and
-onnxruntime's threads do not survive a fork) or, with `--workers 0`, in a thread of this process: the
-same code over the same socket pair, a pickled list of messages per write each way.
-
-A worker process that dies ends its streams with UNAVAILABLE and loses its sessions (the link keeps their
-ids, so the next request on one is marked `lost`); it is restarted with a backoff, never given up on, and
-meanwhile its models are NOT_SERVING (docs/design.md, "When a worker process dies").
+It runs `serve.worker.worker_main` in a process of its own (spawned: gRPC's and onnxruntime's threads do
+not survive a fork) or, with `--workers 0`, in a thread of this process, over the same socket pair; and
+restarts a worker process that dies (docs/design.md, "When a worker process dies").
 """
 from __future__ import annotations
 
@@ -19,13 +15,13 @@ import time
 from collections import OrderedDict
 
 from serve.errors import Unavailable
-from serve.messages import Ready, Stop, frame, read_frame, unframe
+from serve.messages import Ready, frame, read_frame, unframe
 from serve.worker import worker_main
 
 log = logging.getLogger(__name__)
 
 RESTART_FIRST_S, RESTART_MAX_S, RESTART_STABLE_S = 0.5, 30.0, 60.0
-STOP_TIMEOUT_S = 10.0  # a worker that has not exited by then after Stop is killed
+STOP_TIMEOUT_S = 10.0  # a worker that has not exited by then after its socket closed is killed
 
 
 class WorkerLink(asyncio.Protocol):
@@ -84,8 +80,6 @@ class WorkerLink(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.write(frame(msgs))  # buffered by the transport: never blocks the loop
 
-    # sessions: ids only
-
     def stored(self, session_id: str) -> None:
         self._sessions[session_id] = False
         self._sessions.move_to_end(session_id)
@@ -143,22 +137,18 @@ class WorkerLink(asyncio.Protocol):
             return self.health(list(self.models), True)
 
     async def stop(self) -> None:
-        self._stopping = True
+        """Close the worker's socket: it ends its turn and exits (torch's teardown can take seconds)."""
+        self._stopping, self.dead = True, "the server stopped"
         if self._restarting and not self._restarting.done():
             self._restarting.cancel()  # its process is killed below
-        if not self.dead and self._transport is not None:
-            self._out.append(Stop())
-            self._flush()  # the worker ends its streams (their errors still arrive), then exits
-            try:
-                await asyncio.wait_for(self._closed.wait(), STOP_TIMEOUT_S)
-            except asyncio.TimeoutError:
-                log.warning("%s did not stop within %.0f s; killing it", self.process.name, STOP_TIMEOUT_S)
-        self.dead = "the server stopped"
-        self.kill(wait=STOP_TIMEOUT_S)  # it has closed its socket: let it exit (torch's teardown can take seconds)
+        if self._transport is not None:
+            self._transport.close()
+            await self._closed.wait()
+        self.kill(wait=STOP_TIMEOUT_S)
 
     def kill(self, wait: float = 0.0) -> None:
+        (self._transport or self.sock).close()
         self.process.join(wait)
         if self.process.is_alive() and not self.in_process:
             self.process.kill()
             self.process.join()
-        (self._transport or self.sock).close()

@@ -1,10 +1,8 @@
 """The messages between the front end and a worker: plain dataclasses, a list of them per turn.
 
-front end -> worker: Submit, Predict, Credit, Cancel, Stop (a list per turn of the event loop)
+front end -> worker: Submit, Predict, Credit, Cancel (a list per turn; closing the socket stops the worker)
 worker -> front end: Ready (once), Generations (one per model step: every stream's text of the step)
-
-Between processes each list (or Generations) is pickled once, behind a 4-byte length. Hidden state is
-in none of them: it stays in the worker (serve.worker).
+Each list or Generations is pickled once, behind a 4-byte length; hidden state is in none of them.
 """
 from __future__ import annotations
 
@@ -51,11 +49,6 @@ class Cancel:
 
 
 @dataclass
-class Stop:
-    pass
-
-
-@dataclass
 class Ready:
     models: dict[str, ModelInfo] | None  # None: the worker could not open them (error says why)
     error: str = ""
@@ -64,13 +57,13 @@ class Ready:
 @dataclass
 class Generations:
     """A model's step: texts[i] is the next message of stream ids[i]; `ends` close streams (with their finish
-    and stats), `errors` fail them ((exception class name, message)), `predictions` answer Predict calls."""
+    and stats), `errors` fail them (serve.messages.error_of), `predictions` answer Predict calls."""
 
     model: str
     ids: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     ends: dict[int, tuple[FinishReason, GenerateStats, bool]] = field(default_factory=dict)  # bool: session stored
-    errors: dict[int, tuple[str, str]] = field(default_factory=dict)
+    errors: dict[int, Exception] = field(default_factory=dict)
     predictions: dict[int, list[Prediction]] = field(default_factory=dict)
     metrics: tuple | None = None  # serve.metrics.ModelMetrics.snapshot()
     sessions: int | None = None  # sessions the worker holds
@@ -84,17 +77,11 @@ class Generations:
                              self.sessions, self.logprobs)
 
 
-def error_of(exc: BaseException) -> tuple[str, str]:
-    """An exception as it travels: our own by class name, anything else as an internal error."""
-    name = type(exc).__name__
-    return (name, str(exc)) if name in _ERRORS else ("Exception", f"{name}: {exc}")
+def error_of(exc: BaseException) -> Exception:
+    """An exception as it travels: our own as it is (it pickles), anything else as an internal error."""
+    return exc if isinstance(exc, ServeError) else Exception(f"{type(exc).__name__}: {exc}")
 
 
-def exception_of(error: tuple[str, str]) -> Exception:
-    return _ERRORS.get(error[0], Exception)(error[1])
-
-
-_ERRORS = {c.__name__: c for c in (ServeError, *ServeError.__subclasses__())}
 _HEADER = struct.Struct("!I")
 
 

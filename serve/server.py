@@ -1,10 +1,6 @@
 """The gRPC edge: the Generator servicer, protobuf <-> serve.types, the error and API-key interceptors, health,
 reflection, and the process's lifecycle (`python -m serve`, which also runs the HTTP edge, serve.http, on the
 same loop and engine). Nothing below this module sees protobuf or gRPC status codes.
-
-The interceptor parses request bodies itself, so that a corrupt body or invalid UTF-8 is INVALID_ARGUMENT
-and counted like any other refusal; a burst of calls waits in grpc's backlog (see PENDING_OPTIONS) instead
-of being cancelled from it.
 """
 from __future__ import annotations
 
@@ -23,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 from export.runtime import Runtime
 from protos.charrnn.v1 import charrnn_pb2 as pb
 from protos.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.backends import MODEL_FILES, BackendError, find_models, open_runtimes, resolve_providers
+from serve.backends import BackendError, find_models, open_runtimes, resolve_providers
 from serve.config import ServerConfig, parse_args
 from serve.engine import Engine
 from serve.errors import InvalidArgument, status_code
@@ -34,16 +30,12 @@ from serve.types import Chunk, FinishReason, GenerateRequest, PredictRequest, Se
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "charrnn.v1.Generator"
-# grpc core cancels calls waiting for the application past 1,000 pending (CANCELLED, uncounted: of 2,000 calls at
-# once on one channel ~half were). Here grpc runs at most --max-streams + OTHER_RPCS handlers at once and the
-# rest wait their turn in core (up to MAX_PENDING, and their deadlines); a handler past --max-streams answers
-# RESOURCE_EXHAUSTED, counted. Measured 2026-12-01: 2,000 calls at once, --max-streams 256: 2,000 OK.
+# grpc core cancels calls past 1,000 waiting for a handler (CANCELLED, uncounted); so it runs at most --max-streams +
+# OTHER_RPCS handlers and the rest wait in its backlog (docs/design.md, "Limits at the edge"; 2,000 calls: all OK)
 OTHER_RPCS = 64  # health checks and watches, ListModels, reflection
 MAX_PENDING = 16_384
 PENDING_OPTIONS = [("grpc.server.max_pending_requests", MAX_PENDING),
                    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING)]
-
-# protobuf <-> serve.types
 
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
            FinishReason.STOP: pb.FINISH_REASON_STOP}
@@ -70,8 +62,6 @@ def chunk_to_pb(c: Chunk) -> pb.GenerateResponse:
     return pb.GenerateResponse(text=c.text, finish_reason=_FINISH[c.finish_reason], stats=stats)
 
 
-# the service
-
 class GeneratorServicer(pb_grpc.GeneratorServicer):
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -82,9 +72,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
                                              for m in self.engine.models()])
 
     async def Generate(self, request, context):
-        # context.write, not yield: a cancel or an expired deadline then lands in this coroutine, so the
-        # interceptor counts the status it ended with. With yield it could land in grpc's own send, outside
-        # the generator, which was closed later and counted as OK (tests/test_serve.py, the deadline test).
+        # context.write, not yield: a cancel or an expired deadline then lands in this coroutine and the interceptor
+        # counts it; with yield it could land in grpc's own send and be counted OK (tests/test_serve.py, deadline)
         async for chunk in self.engine.generate(generate_request_from_pb(request)):
             await context.write(chunk_to_pb(chunk))
 
@@ -94,7 +83,8 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """The one place exceptions become gRPC statuses (serve.errors.status_code); counts requests by status."""
+    """The one place exceptions become gRPC statuses (serve.errors.status_code); counts requests by status. It
+    parses request bodies itself: a corrupt one, or invalid UTF-8, is INVALID_ARGUMENT like any other refusal."""
 
     def __init__(self, metrics: Metrics):
         self.requests = metrics.requests
@@ -103,12 +93,10 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(f"/{SERVICE}/"):
             return handler
-        method = details.method.rsplit("/", 1)[1]
-        io = {"response_serializer": handler.response_serializer}  # requests come as bytes: parsed below
-        parse = handler.request_deserializer
-        if handler.unary_stream:  # Generate writes its messages (context.write): a coroutine too, no generator
-            return grpc.unary_stream_rpc_method_handler(self._wrap(method, handler.unary_stream, parse), **io)
-        return grpc.unary_unary_rpc_method_handler(self._wrap(method, handler.unary_unary, parse), **io)
+        method, kind = details.method.rsplit("/", 1)[1], "unary_stream" if handler.unary_stream else "unary_unary"
+        # requests come as bytes, parsed in the wrapper; Generate writes its messages (context.write): a coroutine too
+        wrapped = self._wrap(method, getattr(handler, kind), handler.request_deserializer)
+        return getattr(grpc, f"{kind}_rpc_method_handler")(wrapped, response_serializer=handler.response_serializer)
 
     def _wrap(self, method, behaviour, parse):
         async def wrapper(body, context):
@@ -166,8 +154,6 @@ def _cancel_code(context) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0.1 else grpc.StatusCode.CANCELLED
 
 
-# the process
-
 class StartError(Exception):
     """The server cannot start (a port is taken, say)."""
 
@@ -181,7 +167,7 @@ class Server:
         self.cfg, self.metrics = cfg, Metrics()
         if runtimes is None:
             providers = resolve_providers(cfg.backend, cfg.providers)  # a bad backend or provider fails at once
-            paths = _find_models(cfg.models, cfg.backend)
+            paths = find_models(cfg.models, cfg.backend)
             n = min(cfg.workers, len(paths))  # each worker process opens its share (the openers are pickled)
             openers = [functools.partial(opener, paths[i::n], cfg.backend, providers, cfg.threads) for i in range(n)]
             if not cfg.workers:
@@ -271,17 +257,6 @@ class Server:
     def hurry(self) -> None:
         """Cut a drain's grace period short."""
         self._hurry.set()
-
-
-def _find_models(root, backend: str):
-    """serve.backends.find_models, with a hint when the directory holds models of another backend."""
-    try:
-        return find_models(root, backend)
-    except BackendError as e:
-        for other, name in MODEL_FILES.items():
-            if other != backend and ((root / name).is_file() or any(root.glob(f"*/{name}"))):
-                raise BackendError(f"{e}; it holds {name} files: serve them with --backend {other}") from None
-        raise
 
 
 async def run(cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None) -> None:

@@ -1,10 +1,8 @@
 """Sessions: the state a stream leaves behind, kept by id so a later request continues from it.
 
-An entry is one stream's runtime state plus the tokens sampled but not yet fed (its last character):
-continuing feeds those before the new prompt, so two 50-character requests equal one of 100. Entries
-expire `ttl_s` after their last use, the least recently used go past `capacity` (or `max_bytes`), and
-the ids of dropped entries are remembered so the next request can say why it started fresh. A session
-serves one stream at a time. The cache lives in a worker, beside the runtimes whose state it keeps.
+An entry is one stream's runtime state plus its last character, sampled but not yet fed: continuing feeds
+it before the new prompt, so two 50-character requests equal one of 100. Entries expire, the least
+recently used are evicted, and the next request on a dropped one is told why it started fresh.
 """
 from __future__ import annotations
 

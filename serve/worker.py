@@ -1,12 +1,7 @@
 """The model side: a worker owns its runtimes, each model's running batch and the session state cache.
 
-One thread per model (the only caller of its `runtime.step`) takes the front end's messages and answers
-each turn with one `Generations`; hidden state never leaves the worker. `worker_main` runs in a process
-of its own or, with `--workers 0`, in a thread of the server's process, over the same socket.
-
-A turn: take the messages; prefill a chunk (`prefill_chunk`) of as many waiting prompts as the batch has
-room for (`max_batch`), batched by length; those fed but for their last token join the batch;
-`Batch.step`. A stream without credit leaves the batch with its state (parked) until credit comes.
+One thread per model, the only caller of its `runtime.step`, takes the front end's messages and answers
+each turn (admit and prefill, `Batch.step`) with one `Generations`; hidden state never leaves the worker.
 """
 from __future__ import annotations
 
@@ -20,8 +15,8 @@ from collections import defaultdict
 import numpy as np
 
 from serve.batch import Batch, Prefilled, Row
-from serve.errors import NotFound, Unavailable
-from serve.messages import Cancel, Credit, Generations, Predict, Ready, Stop, Submit, error_of, frame, read_frame
+from serve.errors import NotFound
+from serve.messages import Cancel, Credit, Generations, Predict, Ready, Submit, error_of, frame, read_frame
 from serve.metrics import ModelMetrics
 from serve.sessions import Session, SessionCache
 from serve.types import ModelInfo, Prediction, SessionState
@@ -29,6 +24,7 @@ from serve.types import ModelInfo, Prediction, SessionState
 log = logging.getLogger(__name__)
 
 METRICS_EVERY_S = 0.1  # a model's metrics go with its generations this often, and whenever streams come or go
+
 
 class ModelLoop:
     def __init__(self, name: str, runtime, sessions: SessionCache, emit, max_batch: int, prefill_chunk: int):
@@ -39,14 +35,15 @@ class ModelLoop:
         self.batch: Batch | None = None
         self.parked: dict[int, Batch] = {}  # one-row batches without credit
         self.live: dict[int, tuple[str, Session | None]] = {}  # id -> its session id and the session it continues
-        self._inbox, self._cv = [], threading.Condition()
+        self._inbox, self._cv, self._stop = [], threading.Condition(), False
         self._active, self._metrics_at = 0, 0.0
         self.thread = threading.Thread(target=self._run, name=f"model:{name}", daemon=True)
         self.thread.start()
 
-    def post(self, msgs: list) -> None:
+    def post(self, msgs: list, stop: bool = False) -> None:
         with self._cv:
             self._inbox += msgs
+            self._stop |= stop
             self._cv.notify()
 
     def _admitted(self) -> list[Prefilled]:
@@ -56,16 +53,18 @@ class ModelLoop:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._inbox or self.batch or self._admitted()):
+                while not (self._inbox or self._stop or self.batch or self._admitted()):
                     self._cv.wait()
+                if self._stop:
+                    return
                 msgs, self._inbox = self._inbox, []
             out = Generations(self.name)
-            stop = any(type(m) is Stop for m in msgs)
             try:
                 self._take(msgs, out)
-                if stop:
-                    self._fail_all(Unavailable("the server stopped"), out)
-                self._turn(out)
+                if self._admitted():
+                    self._prefill()
+                if self.batch is not None:
+                    self._step(out)
             except Exception as exc:  # a backend failure ends this model's streams, not the server
                 log.exception("%s: step failed; ending its %d streams", self.name, len(self.live))
                 self._fail_all(exc, out)
@@ -78,10 +77,6 @@ class ModelLoop:
                 out.metrics, out.sessions = self.metrics.snapshot(), len(self.sessions)
             if out:
                 self.emit(out)
-            if stop:
-                return
-
-    # messages
 
     def _take(self, msgs: list, out: Generations) -> None:
         for m in msgs:
@@ -148,14 +143,6 @@ class ModelLoop:
         p /= p.sum()
         return [Prediction(self.rt.vocab.chars[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:m.top_k]]
 
-    # a turn: admit, prefill, step
-
-    def _turn(self, out: Generations) -> None:
-        if self._admitted():
-            self._prefill()
-        if self.batch is not None:
-            self._step(out)
-
     def _prefill(self) -> None:
         """Feed all but the last token of each prompt (a chunk at most per turn), batched by length."""
         admitted, groups = self._admitted(), defaultdict(list)
@@ -194,11 +181,10 @@ class ModelLoop:
 
 
 def worker_main(sock: socket.socket, opener, settings: dict, own_process: bool = True) -> None:
-    """A worker: open the models (opener()), say Ready, then hand each model's messages to its loop until Stop
-    or until the front end's end of the socket closes. In a process of its own, or a thread of the server's."""
+    """A worker: open the models (opener()), say Ready, then hand each model's messages to its loop until the
+    front end closes its end of the socket. In a process of its own, or a thread of the server's."""
     if own_process:
-        # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server drains its streams
-        # and then stops the workers, which otherwise leave only when the server's end of the socket closes.
+        # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server drains, then stops us
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         logging.basicConfig(level=logging.INFO,
@@ -228,15 +214,13 @@ def worker_main(sock: socket.socket, opener, settings: dict, own_process: bool =
         while True:
             try:
                 msgs = read_frame(f)
-            except (EOFError, OSError):
-                msgs = [Stop()]
-            by_model: dict[str, list] = defaultdict(list)
-            for m in msgs:
-                for name in (loops if type(m) is Stop else (m.model,)):
-                    by_model[name].append(m)
-            for name, part in by_model.items():
-                loops[name].post(part)
-            if any(type(m) is Stop for m in msgs):
+            except (EOFError, OSError):  # the server is stopping (or gone): each model ends its turn
                 for loop in loops.values():
+                    loop.post([], stop=True)
                     loop.thread.join()
                 return
+            by_model: dict[str, list] = defaultdict(list)
+            for m in msgs:
+                by_model[m.model].append(m)
+            for name, part in by_model.items():
+                loops[name].post(part)

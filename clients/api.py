@@ -1,6 +1,7 @@
 """Thin client helpers for the charrnn.v1 Generator service: one function per RPC, sync and asyncio stubs."""
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import grpc
@@ -14,8 +15,27 @@ SESSION = {pb.SESSION_STATE_UNSPECIFIED: "", pb.SESSION_STATE_NEW: "new", pb.SES
            pb.SESSION_STATE_EXPIRED: "expired (started fresh)", pb.SESSION_STATE_EVICTED: "evicted (started fresh)"}
 
 
-def stub(target: str = DEFAULT_TARGET) -> pb_grpc.GeneratorStub:
-    return pb_grpc.GeneratorStub(grpc.insecure_channel(target))
+class _Key(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to every call (a server started with --api-key asks for it)."""
+
+    def __init__(self, key: str):
+        self.header = ("authorization", f"Bearer {key}")
+
+    def _with_key(self, details):
+        return details._replace(metadata=[*(details.metadata or ()), self.header])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_key(details), request)
+
+
+def stub(target: str = DEFAULT_TARGET, api_key: str | None = None) -> pb_grpc.GeneratorStub:
+    """api_key: sent with every call; None: $CHARRNN_API_KEY if set."""
+    key = os.environ.get("CHARRNN_API_KEY", "") if api_key is None else api_key
+    channel = grpc.insecure_channel(target)
+    return pb_grpc.GeneratorStub(grpc.intercept_channel(channel, _Key(key)) if key else channel)
 
 
 def aio_stub(target: str = DEFAULT_TARGET) -> pb_grpc.GeneratorStub:

@@ -10,12 +10,15 @@ second (all characters received / wall time of the run) and errors by status cod
 client used while timing (a load generator that needs a whole core measures itself, not the server).
 Printed, and written as JSON to --out. --processes P spreads the streams and the requests over P client
 processes (one asyncio client tops out at about one core), each with its own channel, warm-up and
-share of the requests; they start timing together and their figures are merged.
+share of the requests; they start timing together and their figures are merged. --http URL sends the same
+requests to the server's HTTP port instead (POST /v1/completions, streamed as server-sent events; an event is
+a message; HTTP streams always coalesce).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import multiprocessing
 import os
@@ -82,11 +85,59 @@ def summarize(records: list[Record], wall_s: float) -> dict:
     }
 
 
+class HttpClient:
+    """The same requests over HTTP (serve.http): `models()` and `one()` as the gRPC stub's ListModels and `one`."""
+
+    def __init__(self, base: str):
+        import aiohttp
+
+        self.aiohttp, self.base = aiohttp, base.rstrip("/")
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    async def models(self) -> list[pb.ModelInfo]:
+        async with self.session.get(self.base + "/v1/models") as r:
+            data = (await r.json())["data"]
+        return [pb.ModelInfo(id=m["id"], cell=m["cell"], hidden_size=m["hidden_size"], fc_layers=m["fc_layers"],
+                             vocab=m["vocab"], backend=m["backend"]) for m in data]
+
+    async def one(self, request: pb.GenerateRequest, timeout: float | None) -> Record:
+        body = {"model": request.model, "prompt": request.prompt, "max_tokens": request.max_chars,
+                "temperature": request.temperature, "top_k": request.top_k, "seed": request.seed,
+                "chunk_chars": request.chunk_chars, "stream": True}
+        rec = Record(time.perf_counter())
+        try:
+            async with self.session.post(self.base + "/v1/completions", json=body,
+                                         timeout=self.aiohttp.ClientTimeout(total=timeout)) as r:
+                if r.status != 200:
+                    rec.status = f"HTTP_{r.status}"
+                    return rec
+                async for line in r.content:
+                    if line.startswith(b"data: {"):
+                        event = json.loads(line[6:])
+                        if "error" in event:
+                            rec.status = f"HTTP_ERROR_{event['error'].get('code')}"
+                            break
+                        text = event["choices"][0]["text"] if event["choices"] else ""
+                        if text:
+                            rec.times.append(time.perf_counter())
+                            rec.sizes.append(len(text))
+        except (self.aiohttp.ClientError, asyncio.TimeoutError) as e:
+            rec.status = type(e).__name__
+        return rec
+
+
 async def find_model(stub, args) -> pb.ModelInfo:
+    if isinstance(stub, HttpClient):
+        models = {m.id: m for m in await stub.models()}
+        return _pick(models, args)
     try:
         models = {m.id: m for m in (await stub.ListModels(pb.ListModelsRequest(), timeout=10)).models}
     except grpc.aio.AioRpcError as e:
         raise SystemExit(f"error: {args.target}: {e.code().name}: {e.details()}") from None
+    return _pick(models, args)
+
+
+def _pick(models: dict, args) -> pb.ModelInfo:
     if not models:
         raise SystemExit("the server has no models")
     if not args.model and len(models) > 1:
@@ -113,7 +164,8 @@ async def drive_part(args, k: int, parts: int, start_gate) -> Part:
     """Part k of `parts`: streams k, k + parts, ... of --concurrency run requests k, k + parts, ... of --requests
     (request i built the same whatever the parts). Looks up the model and warms up first, then calls
     `start_gate()` and times the rest."""
-    stub = api.aio_stub(args.target)
+    stub = HttpClient(args.http) if args.http else api.aio_stub(args.target)
+    go = stub.one if args.http else functools.partial(one, stub)
     model = await find_model(stub, args)
     prompts = [args.prompt] if args.prompt else \
         [p for p in ("".join(c for c in p if c in model.vocab) for p in PROMPTS) if p] or [model.vocab[0]]
@@ -124,18 +176,20 @@ async def drive_part(args, k: int, parts: int, start_gate) -> Part:
                                     coalesce=args.coalesce)
 
     for i in range(args.warmup):
-        await one(stub, request(i), args.timeout)
+        await go(request(i), args.timeout)
     todo = iter(range(k, args.requests, parts))
     records: list[Record] = []
 
     async def worker():
         for i in todo:  # a shared iterator: each request is taken once
-            records.append(await one(stub, request(i), args.timeout))
+            records.append(await go(request(i), args.timeout))
 
     start_gate()
     t0, cpu0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(k, args.concurrency, parts)))
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    if args.http:
+        await stub.session.close()
     return Part(model, records, t0, time.perf_counter(), time.process_time() - cpu0, cpus)
 
 
@@ -213,7 +267,7 @@ def run(args) -> dict:
     records = [r for part in parts for r in part.records]
     wall = max(part.end for part in parts) - min(part.start for part in parts)
     cpus = sorted(set().union(*(part.cpus for part in parts))) if parts[0].cpus is not None else None
-    config = {k: getattr(args, k) for k in ("target", "concurrency", "requests", "max_chars", "chunk_chars",
+    config = {k: getattr(args, k) for k in ("target", "http", "concurrency", "requests", "max_chars", "chunk_chars",
                                               "coalesce", "temperature", "top_k", "warmup", "processes")}
     return {"model": parts[0].model.id, "backend": parts[0].model.backend, **config, "client_cpus": cpus,
             "client_cpu_s": sum(part.cpu_s for part in parts), **summarize(records, wall)}
@@ -235,6 +289,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m clients.loadgen", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--target", default=api.DEFAULT_TARGET)
+    ap.add_argument("--http", default="", help="the server's HTTP base URL (e.g. http://127.0.0.1:8000): the same "
+                    "requests over /v1/completions, streamed; --target is then unused")
     ap.add_argument("--concurrency", type=int, default=8, help="streams in flight at once")
     ap.add_argument("--requests", type=int, default=64, help="requests in all")
     ap.add_argument("--max-chars", type=int, default=200)

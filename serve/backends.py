@@ -38,7 +38,9 @@ def find_models(root: Path, backend: str) -> list[Path]:
         return [root / name]
     found = sorted(p / name for p in root.iterdir() if (p / name).is_file()) if root.is_dir() else []
     if not found:
-        raise BackendError(f"no models for the {backend} backend in {root} (expected {root}/<model-id>/{name})")
+        hint = next((f"; it holds {other} files: serve them with --backend {b}" for b, other in MODEL_FILES.items()
+                     if other != name and ((root / other).is_file() or any(root.glob(f"*/{other}")))), "")
+        raise BackendError(f"no models for the {backend} backend in {root} (expected {root}/<model-id>/{name}){hint}")
     return found
 
 

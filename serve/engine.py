@@ -1,241 +1,263 @@
-"""The server below the gRPC edge: validates requests, keeps sessions, bounds concurrency and hands
-streams to each model's scheduler. Plain Python types in and out (serve.types); errors are raised as
-serve.errors exceptions. Runs on the asyncio event loop; schedulers run on their own threads.
+"""The front end below the gRPC edge: validates requests, bounds them, routes them by model to their
+worker (serve.link), turns each stream's generations back into `Chunk`s and grants it credit as its client
+takes them (docs/design.md). It keeps no hidden state: only the streams in flight, their queues and credit.
 """
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
+import logging
 import math
 import secrets
-import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from contextlib import aclosing, asynccontextmanager, contextmanager
 
 import numpy as np
 
-from export.runtime import Runtime
 from serve.config import ServerConfig
 from serve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from serve.link import WorkerLink
+from serve.messages import Cancel, Credit, Generations, Predict, Submit
 from serve.metrics import Metrics
-from serve.scheduler import Scheduler, Stream
-from serve.sessions import Session, SessionCache
-from serve.streams import GenerationStream, PredictionJob
-from serve.types import Chunk, GenerateRequest, ModelInfo, Prediction, PredictRequest, SessionState
-from serve.workers import ModelCard, RemoteScheduler, WorkerPool
+from serve.types import Chunk, GenerateRequest, ModelInfo, Prediction, PredictRequest
+from train.vocab import Vocab
+
+log = logging.getLogger(__name__)
 
 PREDICT_TOP_K = 5  # Predict's top_k when the request leaves it 0
-TURN_WAIT_S = 0.02  # longest wait for a turn to send (--max-sending); then a stream sends without one
+MAX_LOGPROBS = 5  # OpenAI's cap on a completion's logprobs
+
+
+def _merge(items: list) -> Chunk:
+    """Queued messages of a stream (str, or Chunk when they carry logprobs) as one: texts and logprobs joined,
+    the finish and stats of the last."""
+    if len(items) == 1 and type(items[0]) is Chunk:
+        return items[0]
+    texts, logprobs = [], []
+    for item in items:
+        if type(item) is str:
+            texts.append(item)
+        else:
+            texts.append(item.text)
+            logprobs.extend(item.logprobs or ())
+    last = items[-1] if type(items[-1]) is Chunk else Chunk("")
+    return Chunk("".join(texts), last.finish_reason, last.stats, tuple(logprobs) if logprobs else None)
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """Client text quoted in an error, cut to a bounded length."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+
+
+class _Stream:
+    """A request in flight, seen from the front end: what its worker sent that its handler has not taken."""
+
+    __slots__ = ("id", "link", "session_id", "items", "waiter", "granted", "writing_since", "task", "ended")
+
+    def __init__(self, sid: int, link, session_id: str = ""):
+        self.id, self.link, self.session_id, self.task = sid, link, session_id, asyncio.current_task()
+        self.items: deque = deque()  # str (a message's text), Chunk (the last), list (predictions), Exception
+        self.waiter: asyncio.Future | None = None
+        self.granted, self.ended = 0, False  # messages taken since credit was last granted; the worker is done
+        self.writing_since: float | None = None  # while its handler writes a message: since when
+
+    def put(self, item) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self, everything: bool) -> list:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        if not everything:
+            return [self.items.popleft()]
+        items, self.items = list(self.items), deque()
+        return items
 
 
 class Engine:
-    """models: runtimes to step in this process (one scheduler thread each), or the cards of the models
-    that `pool`'s worker processes step."""
+    def __init__(self, cfg: ServerConfig, metrics: Metrics, openers: list[Callable], in_process: bool = False):
+        """A worker per opener (opener() opens its models, in the worker): a process each, or one thread."""
+        self.cfg, self.metrics, settings = cfg, metrics, cfg.worker_settings()
+        self.links = [WorkerLink(i, o, settings, self._dispatch, self._lost, in_process) for i, o in enumerate(openers)]
+        try:
+            for link in self.links:  # all load at once
+                link.wait_ready()
+        except BaseException:
+            for link in self.links:
+                link.kill()
+            raise
+        self.routes: dict[str, WorkerLink] = {}
+        self.vocabs: dict[str, Vocab] = {}
+        self.streams: dict[int, _Stream] = {}  # Generate streams and Predict calls in flight, all models
+        self.draining = False  # set: new requests are refused (UNAVAILABLE); those in flight carry on
+        self.idle, self._ids, self._sweeper = asyncio.Event(), itertools.count(), None  # idle: no request in flight
+        self.idle.set()
 
-    def __init__(self, models: dict[str, Runtime | ModelCard], cfg: ServerConfig, metrics: Metrics | None = None,
-                 pool: WorkerPool | None = None):
-        self.served, self.cfg, self.pool = models, cfg, pool
-        self.metrics = metrics or Metrics()
-        self.sessions = SessionCache(cfg.session_ttl_s, cfg.max_sessions)
-        self.schedulers: dict[str, Scheduler | RemoteScheduler] = {}
-        self.in_flight = 0  # Generate streams and Predict calls, all models
-        self.draining = False
-        self._idle = asyncio.Event()
-        self._idle.set()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._outbox: list = []  # events from the schedulers, not yet on the loop
-        self._turns = asyncio.Semaphore(cfg.max_sending) if cfg.max_sending else None
-        self._outbox_lock = threading.Lock()
+    @property
+    def in_flight(self) -> int:
+        return len(self.streams)
 
-    # lifecycle
-
-    async def start(self, health: Callable[[list[str], bool], None] | None = None) -> None:
-        """Start one scheduler per model (or attach to the workers'), on the loop that will serve requests.
-        health(models, serving) is called when a worker process dies (False) and when it is back (True)."""
-        self._loop = asyncio.get_running_loop()
-        if self.pool:
-            self.schedulers = await self.pool.start(self.metrics, self.cfg.max_unsent, health)
-            return
-        for mid, rt in self.served.items():
-            self.schedulers[mid] = Scheduler(rt, self._deliver, metrics=self.metrics.model(mid),
-                                             **self.cfg.scheduler_settings()).start()
-
-    def drain(self) -> None:
-        """Refuse new requests from now on (UNAVAILABLE); those in flight carry on."""
-        self.draining = True
-
-    async def wait_idle(self) -> None:
-        """Until no request is in flight."""
-        await self._idle.wait()
+    async def start(self, health: Callable[[list[str], bool], None]) -> None:
+        """Attach to the workers on the running loop. health(models, serving): a worker died or is back."""
+        for link in self.links:
+            await link.start(health)
+            for name, info in link.models.items():
+                self.routes[name], self.vocabs[name] = link, Vocab(info.vocab)
+                self.metrics.model(name)
+        self._sweeper = asyncio.ensure_future(self._sweep_stalled())
 
     async def stop(self) -> None:
-        exc = Unavailable("the server stopped")
-        if self.pool:
-            await self.pool.stop(exc)
-            return
-        for scheduler in self.schedulers.values():
-            scheduler.stop(exc)
+        if self._sweeper:
+            self._sweeper.cancel()
+        await asyncio.gather(*(link.stop() for link in self.links))
+        self._lost(None, Unavailable("the server stopped"))
 
-    def _deliver(self, events: list) -> None:
-        """Called by a scheduler thread with (stream, event) pairs. One hop onto the loop per step, or none
-        when a hop is already on its way (the loop is behind): waking the loop costs a syscall."""
-        if not events:
-            return
-        with self._outbox_lock:
-            wake = not self._outbox
-            self._outbox += events
-        if wake:
-            self._loop.call_soon_threadsafe(self._dispatch)
+    def _dispatch(self, g: Generations) -> None:
+        """A model's step, from its worker: each text into its stream's queue."""
+        streams, ends, logprobs = self.streams, g.ends, g.logprobs
+        for sid, text in zip(g.ids, g.texts):
+            s = streams.get(sid)
+            if s is None:  # cancelled meanwhile
+                continue
+            if sid in ends:
+                finish, stats, stored = ends[sid]
+                if stored:
+                    s.link.stored(s.session_id)
+                s.ended = True
+                s.put(Chunk(text, finish, stats, logprobs.get(sid)))
+            elif logprobs and sid in logprobs:
+                s.put(Chunk(text, logprobs=logprobs[sid]))
+            else:
+                s.put(text)
+        for sid, last in [*g.errors.items(), *g.predictions.items()]:
+            if sid in streams:  # an error ends a stream; predictions answer a Predict call
+                streams[sid].ended = True
+                streams[sid].put(last)
+        if g.metrics is not None:
+            self.metrics.model(g.model).load(g.metrics)
+        if g.sessions is not None:
+            self.routes[g.model].sessions_held = g.sessions
+            self.metrics.sessions.set(sum(link.sessions_held for link in self.links))
 
-    def _dispatch(self) -> None:
-        with self._outbox_lock:
-            events, self._outbox = self._outbox, []
-        for stream, event in events:
-            stream.queue.put_nowait(event)
-
-    # the protocol
+    def _lost(self, link, exc: Exception) -> None:
+        """The worker behind link has gone (None: all of them): its streams end with exc."""
+        for s in list(self.streams.values()):
+            if link is None or s.link is link:
+                s.ended = True
+                s.put(exc)
 
     def models(self) -> list[ModelInfo]:
-        return [ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars, rt.backend)
-                for name, rt in self.served.items()]
+        return [info for link in self.links for info in link.models.values()]
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Chunk]:
         arrived = time.perf_counter()
-        rt = self._runtime(req.model)
-        req, prompt = self._check_generate(req, rt)
-        with self._slot() as release:
-            session, how = None, SessionState.NONE
-            if req.session_id:
-                session, how = self.sessions.checkout(req.session_id, req.model, req.require_session)
-            finished = False
-            try:
-                tokens = np.concatenate([session.pending, prompt]) if session else prompt
-                if len(tokens) == 0:
-                    raise InvalidArgument("empty prompt: give a prompt, or a session_id to continue")
-                stream = GenerationStream(tokens, session.state if session else None, req, rt.vocab, how,
-                                          arrived, self.schedulers[req.model].metrics)
-                async with aclosing(self._run(stream, req.model, merge=req.coalesce)) as chunks:
-                    async for chunk in chunks:
-                        if chunk.finish_reason is None:
-                            yield chunk
-                            continue
-                        # Settle before the last message leaves: the client may send its next request at once.
-                        finished = True
-                        self._end_session(req.session_id, Session(req.model, stream.state, stream.pending))
-                        release()
-                        yield chunk
-                        return
-            finally:
-                if not finished:  # failed or cancelled: the session keeps the state it had before
-                    self._end_session(req.session_id, session)
+        link = self._route(req.model)
+        req, prompt = self._check_generate(req, self.vocabs[req.model])
+        s = self._open(link, req.session_id)
+        try:
+            link.send(Submit(s.id, req.model, req, prompt, self.cfg.max_unsent, arrived, link.take_lost(req.session_id)))
+            every = max(1, self.cfg.max_unsent // 4)
+            scored = req.logprobs is not None  # its messages are Chunks (text and logprobs), not str
+            while True:
+                items = await s.take(req.coalesce)
+                last = items[-1]
+                if isinstance(last, Exception):
+                    if len(items) > 1:  # what came before the error still goes out
+                        yield _merge(items[:-1])
+                    raise last
+                if type(last) is Chunk and last.stats is not None:
+                    self._close(s, req.model)  # its slot is free: the client may send its next request at once
+                    yield last if len(items) == 1 else _merge(items)
+                    return
+                s.writing_since = time.monotonic()
+                yield _merge(items) if scored else Chunk(items[0] if len(items) == 1 else "".join(items))
+                s.writing_since = None
+                s.granted += len(items)
+                if s.granted >= every:
+                    link.send(Credit(s.id, req.model, s.granted))
+                    s.granted = 0
+        finally:
+            self._close(s, req.model)
 
     async def predict(self, req: PredictRequest) -> list[Prediction]:
-        rt = self._runtime(req.model)
+        link = self._route(req.model)
         if not req.text:
             raise InvalidArgument("text is empty: Predict needs at least one character")
         self._check_length("text", req.text, self.cfg.max_prompt_chars)
         if req.top_k > self.cfg.max_top_k:
             raise InvalidArgument(f"top_k {req.top_k} exceeds the server's cap of {self.cfg.max_top_k}")
-        job = PredictionJob(rt.vocab.encode(req.text), min(req.top_k or PREDICT_TOP_K, len(rt.vocab)), rt.vocab)
-        with self._slot():
-            async with aclosing(self._run(job, req.model)) as events:
-                async for predictions in events:
-                    return predictions
-
-    # helpers
-
-    async def _run(self, stream: Stream, model: str, merge: bool = False) -> AsyncIterator:
-        """Submit a stream to its model's scheduler and yield its events; the caller stops after the last.
-        merge: a chunk goes out together with the chunks already waiting behind it (see `_merge`), once the
-        stream's turn to send has come (--max-sending): the caller sends it before asking for the next."""
-        scheduler = self.schedulers[model]
-        stream.queue = asyncio.Queue()
-        scheduler.submit(stream)
-        error = None  # met while merging: raised after the merged chunk has gone
+        vocab = self.vocabs[req.model]
+        tokens = vocab.encode(req.text)
+        s = self._open(link)
         try:
-            while error is None:
-                event = await stream.queue.get()
-                scheduler.ack(stream)
-                if merge and type(event) is Chunk:
-                    async with self._turn():
-                        event, error = self._merge(event, stream, scheduler)
-                        yield event
-                    continue
-                if isinstance(event, BaseException):
-                    raise event
-                yield event
-            raise error
+            link.send(Predict(s.id, req.model, tokens, min(req.top_k or PREDICT_TOP_K, len(vocab))))
+            (result,) = await s.take(False)
+            if isinstance(result, Exception):
+                raise result
+            return result
         finally:
-            scheduler.cancel(stream)  # a no-op once done; otherwise the scheduler drops it next step
+            self._close(s, req.model)
 
-    @asynccontextmanager
-    async def _turn(self):
-        """One of --max-sending turns to send, waited for at most TURN_WAIT_S: a client that stops reading keeps
-        its turn while grpc waits for it, and must not hold up the others for longer than that."""
-        turns, held = self._turns, False
-        if turns is not None and not turns.locked():
-            held = await turns.acquire()  # at once, without wait_for's task
-        elif turns is not None:
-            try:
-                held = await asyncio.wait_for(turns.acquire(), TURN_WAIT_S)
-            except asyncio.TimeoutError:
-                pass
-        try:
-            yield
-        finally:
-            if held:
-                turns.release()
+    def _open(self, link, session_id: str = "") -> _Stream:
+        """A stream takes one of max_streams places (Generate streams and Predict calls together)."""
+        if len(self.streams) >= self.cfg.max_streams:
+            raise ResourceExhausted(f"the server is at its limit of {self.cfg.max_streams} concurrent requests")
+        s = _Stream(next(self._ids), link, session_id)
+        self.streams[s.id] = s
+        self.idle.clear()
+        return s
 
-    def _merge(self, chunk: Chunk, stream: Stream,
-               scheduler: Scheduler | RemoteScheduler) -> tuple[Chunk, BaseException | None]:
-        """The chunk and those already waiting behind it, as one (with the last one's finish and stats), up to
-        about max_chunk_chars characters: characters made while the last message was being sent go out in the
-        next, and none waits for company. An error met on the way is returned, to be raised after it."""
-        texts, size = [chunk.text], len(chunk.text)
-        while chunk.finish_reason is None and size < self.cfg.max_chunk_chars and not stream.queue.empty():
-            event = stream.queue.get_nowait()
-            scheduler.ack(stream)
-            if isinstance(event, BaseException):
-                return Chunk("".join(texts)), event
-            chunk = event
-            texts.append(chunk.text)
-            size += len(chunk.text)
-        return (chunk if len(texts) == 1 else Chunk("".join(texts), chunk.finish_reason, chunk.stats)), None
+    def _close(self, s: _Stream, model: str) -> None:
+        if self.streams.pop(s.id, None) is None:  # closed already
+            return
+        if not s.ended and not s.link.dead:  # cancelled, failed on the way: the worker drops it
+            s.link.send(Cancel(s.id, model))
+        if not self.streams:
+            self.idle.set()
 
-    def _runtime(self, model: str) -> Runtime:
+    def _route(self, model: str):
         if self.draining:
             raise Unavailable("the server is shutting down")
         if not model:
             raise InvalidArgument("model is required (ListModels lists them)")
-        if model not in self.served:
-            raise NotFound(f"unknown model {model!r}; loaded: {', '.join(self.served)}")
-        return self.served[model]
+        self._check_length("model name", model, self.cfg.max_model_chars)
+        link = self.routes.get(model)
+        if link is None:
+            raise NotFound(f"unknown model {shown(model)}; loaded: {', '.join(self.routes)}")
+        if link.dead:
+            raise Unavailable(link.dead)
+        return link
 
-    def _check_generate(self, req: GenerateRequest, rt: Runtime) -> tuple[GenerateRequest, np.ndarray]:
+    def _check_generate(self, req: GenerateRequest, vocab: Vocab) -> tuple[GenerateRequest, np.ndarray]:
         """Bound every field; returns the request with defaults resolved, and the prompt's tokens."""
         c = self.cfg
         self._check_length("prompt", req.prompt, c.max_prompt_chars)
-        prompt = rt.vocab.encode(req.prompt)
-        if req.max_chars > c.max_chars:
-            raise InvalidArgument(f"max_chars {req.max_chars} exceeds the server's cap of {c.max_chars}")
+        self._check_length("session_id", req.session_id, c.max_session_id_chars)
+        prompt = vocab.encode(req.prompt)
+        for name, value, cap in (("max_chars", req.max_chars, c.max_chars), ("top_k", req.top_k, c.max_top_k),
+                                 ("chunk_chars", req.chunk_chars, c.max_chunk_chars)):
+            if value > cap:
+                raise InvalidArgument(f"{name} {value} exceeds the server's cap of {cap}")
         if not (math.isfinite(req.temperature) and req.temperature >= 0):
             raise InvalidArgument(f"temperature must be a finite number >= 0 (0: greedy), not {req.temperature}")
         if not (0 < req.top_p <= 1):  # also refuses NaN
             raise InvalidArgument(f"top_p must be in (0, 1], not {req.top_p}")
-        if req.top_k > c.max_top_k:
-            raise InvalidArgument(f"top_k {req.top_k} exceeds the server's cap of {c.max_top_k}")
-        if req.chunk_chars > c.max_chunk_chars:
-            raise InvalidArgument(f"chunk_chars {req.chunk_chars} exceeds the server's cap of {c.max_chunk_chars}")
         if len(req.stop) > c.max_stop:
             raise InvalidArgument(f"{len(req.stop)} stop sequences; the server allows {c.max_stop}")
         for s in req.stop:
             if not s:
                 raise InvalidArgument("a stop sequence is empty")
             self._check_length("a stop sequence", s, c.max_stop_chars)
-        self._check_length("session_id", req.session_id, c.max_session_id_chars)
+        if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
+            raise InvalidArgument(f"logprobs must be between 0 and {MAX_LOGPROBS}, not {req.logprobs}")
         if req.require_session and not req.session_id:
             raise InvalidArgument("require_session needs a session_id")
+        if not req.prompt and not req.session_id:
+            raise InvalidArgument("empty prompt: give a prompt, or a session_id to continue")
         req = dataclasses.replace(
             req, max_chars=req.max_chars or c.default_chars, chunk_chars=req.chunk_chars or 1,
             seed=secrets.randbits(63) if req.seed is None else req.seed, stop=tuple(req.stop))
@@ -246,30 +268,15 @@ class Engine:
         if len(text) > limit:
             raise InvalidArgument(f"{what} has {len(text)} characters; the server allows {limit}")
 
-    @contextmanager
-    def _slot(self):
-        """One of max_streams concurrent requests; yields a release function for an early release."""
-        if self.in_flight >= self.cfg.max_streams:
-            raise ResourceExhausted(f"the server is at its limit of {self.cfg.max_streams} concurrent requests")
-        self.in_flight += 1
-        self._idle.clear()
-        held = True
-
-        def release():
-            nonlocal held
-            if held:
-                held = False
-                self.in_flight -= 1
-                if not self.in_flight:
-                    self._idle.set()
-
-        try:
-            yield release
-        finally:
-            release()
-
-    def _end_session(self, sid: str, session: Session | None) -> None:
-        if sid:
-            self.sessions.checkin(sid, session)
-            self.metrics.sessions.set(len(self.sessions))
-
+    async def _sweep_stalled(self) -> None:
+        """End the streams whose client has taken nothing for stall_timeout_s (their write waits on it)."""
+        limit = self.cfg.stall_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, limit / 4))
+            now = time.monotonic()
+            for s in list(self.streams.values()):
+                if s.writing_since is not None and now - s.writing_since > limit and not s.task.done():
+                    log.warning("ending a stream whose client took nothing for %.0f s", now - s.writing_since)
+                    self.metrics.stalled.inc()
+                    s.writing_since = None
+                    s.task.cancel()

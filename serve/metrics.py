@@ -1,8 +1,8 @@
 """Prometheus metrics, on a registry of the server's own (several servers can share a process).
 
-A model's figures (`ModelMetrics`) are plain counters written by its scheduler's thread, which may run
-in a worker process: they pickle, and the server's copy is refreshed from the worker's snapshots. A
-collector turns them into Prometheus families when /metrics is read.
+A model's figures (`ModelMetrics`) are plain counters written by its thread in a worker (serve.worker);
+the server's copy is refreshed from the worker's snapshots. A collector turns them into Prometheus
+families when /metrics is read.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.utils import floatToGoString
 
@@ -25,9 +25,9 @@ class Histo:
         self.bounds, self.counts, self.sum = bounds, [0] * (len(bounds) + 1), 0.0
         self.edges = np.asarray(bounds)  # for observe_many
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.sum += value
+    def observe(self, value: float, n: int = 1) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += n
+        self.sum += value * n
 
     def observe_many(self, values: np.ndarray) -> None:
         """`observe` each of the values (an array), in a few array operations."""
@@ -105,18 +105,8 @@ class Metrics:
         self.sessions = Gauge("charrnn_sessions", "Sessions holding state", registry=r)
         self.requests = Counter("charrnn_requests", "Finished requests by method and status code",
                                 ["method", "code"], registry=r)
-        self._http = None
+        self.stalled = Counter("charrnn_stalled_streams", "Streams ended because their client took no message "
+                                                          "for --stall-timeout-s", registry=r)
 
     def model(self, model_id: str) -> ModelMetrics:
         return self.models.setdefault(model_id, ModelMetrics())
-
-    def serve_http(self, host: str, port: int) -> int:
-        """Serve /metrics; returns the bound port (port 0 picks one)."""
-        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
-        return self._http.server_port
-
-    def close(self) -> None:
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-            self._http = None

@@ -1,35 +1,41 @@
-"""The gRPC edge: the Generator servicer, protobuf <-> serve.types, the error interceptor, health,
-reflection, metrics, and the process's lifecycle (`python -m serve`). Nothing below this module sees
-protobuf or gRPC status codes.
+"""The gRPC edge: the Generator servicer, protobuf <-> serve.types, the error and API-key interceptors, health,
+reflection, and the process's lifecycle (`python -m serve`, which also runs the HTTP edge, serve.http, on the
+same loop and engine). Nothing below this module sees protobuf or gRPC status codes.
 """
 from __future__ import annotations
 
 import asyncio
+import functools
+import hmac
 import logging
 import signal
-import threading
 import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from google.protobuf.message import DecodeError
 from grpc_reflection.v1alpha import reflection
 
 from export.runtime import Runtime
 from protos.charrnn.v1 import charrnn_pb2 as pb
 from protos.charrnn.v1 import charrnn_pb2_grpc as pb_grpc
-from serve.backends import BackendError, load_runtimes
+from serve.backends import BackendError, find_models, open_runtimes, resolve_providers
 from serve.config import ServerConfig, parse_args
 from serve.engine import Engine
-from serve.errors import status_code
+from serve.errors import InvalidArgument, status_code
+from serve.http import HttpFront
 from serve.metrics import Metrics
-from serve.types import Chunk, FinishReason, GenerateRequest, ModelInfo, Prediction, PredictRequest, SessionState
-from serve.workers import WorkerPool
+from serve.types import Chunk, FinishReason, GenerateRequest, PredictRequest, SessionState
 
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "charrnn.v1.Generator"
-
-# protobuf <-> serve.types
+# grpc core cancels calls past 1,000 waiting for a handler (CANCELLED, uncounted); so it runs at most --max-streams +
+# OTHER_RPCS handlers and the rest wait in its backlog (docs/design.md, "Limits at the edge"; 2,000 calls: all OK)
+OTHER_RPCS = 64  # health checks and watches, ListModels, reflection
+MAX_PENDING = 16_384
+PENDING_OPTIONS = [("grpc.server.max_pending_requests", MAX_PENDING),
+                   ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING)]
 
 _FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
            FinishReason.STOP: pb.FINISH_REASON_STOP}
@@ -56,41 +62,29 @@ def chunk_to_pb(c: Chunk) -> pb.GenerateResponse:
     return pb.GenerateResponse(text=c.text, finish_reason=_FINISH[c.finish_reason], stats=stats)
 
 
-def predict_request_from_pb(m: pb.PredictRequest) -> PredictRequest:
-    return PredictRequest(model=m.model, text=m.text, top_k=m.top_k)
-
-
-def predictions_to_pb(ps: list[Prediction]) -> pb.PredictResponse:
-    return pb.PredictResponse(predictions=[pb.Prediction(char=p.char, probability=p.probability) for p in ps])
-
-
-def model_info_to_pb(m: ModelInfo) -> pb.ModelInfo:
-    return pb.ModelInfo(id=m.id, cell=m.cell, hidden_size=m.hidden_size, fc_layers=m.fc_layers, vocab=m.vocab,
-                        backend=m.backend)
-
-
-# the service
-
 class GeneratorServicer(pb_grpc.GeneratorServicer):
     def __init__(self, engine: Engine):
         self.engine = engine
 
     async def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[model_info_to_pb(m) for m in self.engine.models()])
+        return pb.ListModelsResponse(models=[pb.ModelInfo(id=m.id, cell=m.cell, hidden_size=m.hidden_size,
+                                                          fc_layers=m.fc_layers, vocab=m.vocab, backend=m.backend)
+                                             for m in self.engine.models()])
 
     async def Generate(self, request, context):
-        # context.write, not yield: a cancel or an expired deadline then lands in this coroutine, so the
-        # interceptor counts the status it ended with. With yield it could land in grpc's own send, outside
-        # the generator, which was closed later and counted as OK (tests/test_serve.py, the deadline test).
+        # context.write, not yield: a cancel or an expired deadline then lands in this coroutine and the interceptor
+        # counts it; with yield it could land in grpc's own send and be counted OK (tests/test_serve.py, deadline)
         async for chunk in self.engine.generate(generate_request_from_pb(request)):
             await context.write(chunk_to_pb(chunk))
 
     async def Predict(self, request, context):
-        return predictions_to_pb(await self.engine.predict(predict_request_from_pb(request)))
+        found = await self.engine.predict(PredictRequest(model=request.model, text=request.text, top_k=request.top_k))
+        return pb.PredictResponse(predictions=[pb.Prediction(char=p.char, probability=p.probability) for p in found])
 
 
 class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """The one place exceptions become gRPC statuses (serve.errors.status_code); counts requests by status."""
+    """The one place exceptions become gRPC statuses (serve.errors.status_code); counts requests by status. It
+    parses request bodies itself: a corrupt one, or invalid UTF-8, is INVALID_ARGUMENT like any other refusal."""
 
     def __init__(self, metrics: Metrics):
         self.requests = metrics.requests
@@ -99,43 +93,66 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or not details.method.startswith(f"/{SERVICE}/"):
             return handler
-        method = details.method.rsplit("/", 1)[1]
-        io = {"request_deserializer": handler.request_deserializer,
-              "response_serializer": handler.response_serializer}
-        if handler.unary_stream:  # Generate writes its messages (context.write): a coroutine too, no generator
-            return grpc.unary_stream_rpc_method_handler(self._wrap(method, handler.unary_stream), **io)
-        return grpc.unary_unary_rpc_method_handler(self._wrap(method, handler.unary_unary), **io)
+        method, kind = details.method.rsplit("/", 1)[1], "unary_stream" if handler.unary_stream else "unary_unary"
+        # requests come as bytes, parsed in the wrapper; Generate writes its messages (context.write): a coroutine too
+        wrapped = self._wrap(method, getattr(handler, kind), handler.request_deserializer)
+        return getattr(grpc, f"{kind}_rpc_method_handler")(wrapped, response_serializer=handler.response_serializer)
 
-    def _wrap(self, method, behaviour):
-        async def wrapper(request, context):
+    def _wrap(self, method, behaviour, parse):
+        async def wrapper(body, context):
             code = grpc.StatusCode.OK
             try:
+                try:
+                    request = parse(body)
+                except DecodeError:  # a corrupt body, or a string field that is not UTF-8
+                    raise InvalidArgument(f"the {method} request is not a valid protobuf message") from None
                 return await behaviour(request, context)
             except asyncio.CancelledError:
                 code = _cancel_code(context)
                 raise
             except Exception as e:
-                code = status_code(e)
-                await self._abort(context, code, e)
+                code, internal = status_code(e), f"internal error: {type(e).__name__}: {e}"
+                if code == grpc.StatusCode.INTERNAL:
+                    log.error("%s", internal, exc_info=e)
+                await context.abort(code, internal if code == grpc.StatusCode.INTERNAL else str(e))  # raises
             finally:
                 self.requests.labels(method, code.name).inc()
         return wrapper
 
-    @staticmethod
-    async def _abort(context, code: grpc.StatusCode, e: Exception) -> None:
-        """End the RPC with this status (context.abort raises)."""
-        if code == grpc.StatusCode.INTERNAL:
-            log.error("internal error", exc_info=e)
-            await context.abort(code, f"internal error: {type(e).__name__}: {e}")
-        await context.abort(code, str(e))
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """With --api-key: every call but health checks needs `authorization: Bearer KEY` in its metadata
+    (UNAUTHENTICATED, counted, otherwise)."""
+
+    OPEN = "/grpc.health.v1.Health/"
+
+    def __init__(self, key: str, metrics: Metrics):
+        self.expected, self.requests = f"Bearer {key}".encode(), metrics.requests
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(self.OPEN):
+            return handler
+        given = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
+        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected):
+            return handler
+        method = details.method.rsplit("/", 1)[1]
+
+        async def deny(request, context):
+            if details.method.startswith(f"/{SERVICE}/"):
+                self.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required: metadata "
+                                                                 "'authorization: Bearer KEY'")
+        kind = ("unary_unary" if handler.unary_unary else "unary_stream" if handler.unary_stream else
+                "stream_unary" if handler.stream_unary else "stream_stream")
+        return getattr(grpc, f"{kind}_rpc_method_handler")(deny)
 
 
 def _cancel_code(context) -> grpc.StatusCode:
+    """A client's own deadline timer can cancel the call (RST_STREAM) a moment before the server's runs out."""
     remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0.1 else grpc.StatusCode.CANCELLED
 
-
-# the process
 
 class StartError(Exception):
     """The server cannot start (a port is taken, say)."""
@@ -144,31 +161,37 @@ class StartError(Exception):
 class Server:
     """A running server: `await start()`, then `await drain_and_stop()` (what SIGTERM does)."""
 
-    def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None):
-        """Models are opened in cfg.workers worker processes, or in this process when that is 0 or when
-        `runtimes` (already open) are given."""
-        self.cfg = cfg
-        pool = None
-        if runtimes is None and cfg.workers:
-            pool = WorkerPool(cfg.models, cfg.backend, cfg.providers, cfg.threads, cfg.workers,
-                              cfg.scheduler_settings())
-            models = pool.cards
-        else:
-            models = runtimes if runtimes is not None else load_runtimes(cfg.models, cfg.backend, cfg.providers,
-                                                                          cfg.threads)
-        self.models = list(models)
-        self.metrics = Metrics()
-        self.engine = Engine(models, cfg, self.metrics, pool)
+    def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None, opener=open_runtimes):
+        """Models are opened by opener(paths, backend, providers, threads) in cfg.workers worker processes, or in
+        this process when that is 0; `runtimes` (already open) are served in this process."""
+        self.cfg, self.metrics = cfg, Metrics()
+        if runtimes is None:
+            providers = resolve_providers(cfg.backend, cfg.providers)  # a bad backend or provider fails at once
+            paths = find_models(cfg.models, cfg.backend)
+            n = min(cfg.workers, len(paths))  # each worker process opens its share (the openers are pickled)
+            openers = [functools.partial(opener, paths[i::n], cfg.backend, providers, cfg.threads) for i in range(n)]
+            if not cfg.workers:
+                runtimes = opener(paths, cfg.backend, providers, cfg.threads)
+        if runtimes is not None:
+            openers = [lambda: runtimes]
+        try:
+            self.engine = Engine(cfg, self.metrics, openers, in_process=runtimes is not None)
+        except RuntimeError as e:  # a worker could not open its models
+            raise BackendError(str(e)) from None
         self.health = health.aio.HealthServicer()
-        self.port = self.metrics_port = None
+        self.http = HttpFront(cfg, self.engine, self.metrics, self._http_health)
+        self.port = self.http_port = self.metrics_port = None
         self._grpc: grpc.aio.Server | None = None
         self._hurry = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
+        self._down: set[str] = set()  # models that cannot serve now
 
     async def start(self) -> "Server":
         # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it
-        server = self._grpc = grpc.aio.server(interceptors=[StatusInterceptor(self.metrics)],
-                                              options=[("grpc.so_reuseport", 0)])
+        auth = [AuthInterceptor(self.cfg.api_key, self.metrics)] if self.cfg.api_key else []
+        server = self._grpc = grpc.aio.server(interceptors=[*auth, StatusInterceptor(self.metrics)],
+                                              options=[("grpc.so_reuseport", 0), *PENDING_OPTIONS],
+                                              maximum_concurrent_rpcs=self.cfg.max_streams + OTHER_RPCS)
         pb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self.engine), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
@@ -176,18 +199,23 @@ class Server:
         address = f"{self.cfg.host}:{self.cfg.port}"
         try:
             self.port = server.add_insecure_port(address)
-            if self.cfg.metrics_port is not None:
-                self.metrics_port = self.metrics.serve_http(self.cfg.host, self.cfg.metrics_port)
+            self.http_port, self.metrics_port = await self.http.start()
         except (RuntimeError, OSError) as e:
-            if self.engine.pool:
-                self.engine.pool.close()
-            raise StartError(f"cannot listen on {address} (metrics port {self.cfg.metrics_port}): {e}") from None
+            await self.http.stop()
+            for link in self.engine.links:
+                link.kill()
+            raise StartError(f"cannot listen on {address} (HTTP port {self.cfg.http_port}, metrics port "
+                             f"{self.cfg.metrics_port}): {e}") from None
         await self.engine.start(self._set_health)
         await server.start()
+        self.http.ready = True
+        self.models = [m.id for m in self.engine.models()]
         for name in ["", SERVICE, *self.models]:  # overall, the service, and each model by id
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %d model(s) (%s) on %s:%d%s", len(self.models), ", ".join(self.models),
-                 self.cfg.host, self.port, f"; metrics on :{self.metrics_port}" if self.metrics_port else "")
+        log.info("serving %d model(s) (%s) on %s:%d (gRPC)%s%s%s", len(self.models), ", ".join(self.models),
+                 self.cfg.host, self.port, f", HTTP on :{self.http_port}" if self.http_port else "",
+                 f", metrics on :{self.metrics_port}" if self.metrics_port else "",
+                 " (API key required)" if self.cfg.api_key else "")
         return self
 
     async def drain_and_stop(self, grace_s: float | None = None) -> None:
@@ -195,71 +223,40 @@ class Server:
         grace_s = self.cfg.grace_s if grace_s is None else grace_s
         t0 = time.monotonic()
         await self.health.enter_graceful_shutdown()
-        self.engine.drain()
+        self.engine.draining = True
         log.info("draining: %d request(s) in flight, %.1f s grace", self.engine.in_flight, grace_s)
-        waits = [asyncio.ensure_future(self.engine.wait_idle()), asyncio.ensure_future(self._hurry.wait())]
+        waits = [asyncio.ensure_future(self.engine.idle.wait()), asyncio.ensure_future(self._hurry.wait())]
         await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
             w.cancel()
         if self.engine.in_flight:
             log.warning("cancelling %d request(s) still in flight", self.engine.in_flight)
         await self._grpc.stop(0)
+        await self.http.stop()
         await self.engine.stop()
-        self.metrics.close()
         log.info("stopped after %.2f s", time.monotonic() - t0)
 
     def _set_health(self, names: list[str], serving: bool) -> None:
-        """Their worker process has gone, or is back: health says so for each model."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        for name in names:
-            task = asyncio.ensure_future(self.health.set(name, status))
+        """Their worker process has gone, or is back: health says so for each model, and for the server as a
+        whole (NOT_SERVING while any model cannot serve)."""
+        if self.engine.draining:
+            return
+        self._down = self._down - set(names) if serving else self._down | set(names)
+        status = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
+        for name, ok in [*((n, serving) for n in names), *((n, not self._down) for n in ("", SERVICE))]:
+            task = asyncio.ensure_future(self.health.set(name, status[ok]))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
+
+    def _http_health(self) -> tuple[bool, str]:
+        """For /health: 200 while serving; 503 while draining or while a model cannot serve."""
+        if self.engine.draining:
+            return False, "draining"
+        return (False, "not serving: " + ", ".join(sorted(self._down))) if self._down else (True, "serving")
 
     def hurry(self) -> None:
         """Cut a drain's grace period short."""
         self._hurry.set()
-
-
-class BackgroundServer:
-    """A Server on an event loop of its own thread, for synchronous programs (tests, notebooks, benchmarks).
-
-        with BackgroundServer(ServerConfig(models=dir, port=0)) as bg:
-            stub = clients.api.stub(bg.target)
-    """
-
-    def __init__(self, cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-server", daemon=True)
-        self._thread.start()
-        try:
-            self.server = self.call(Server(cfg, runtimes).start())
-        except BaseException:
-            self._close_loop()
-            raise
-
-    @property
-    def target(self) -> str:
-        return f"{self.server.cfg.host}:{self.server.port}"
-
-    def call(self, coro, timeout: float | None = 60):
-        """Run a coroutine on the server's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
-
-    def stop(self, grace_s: float = 0.0) -> None:
-        self.call(self.server.drain_and_stop(grace_s))
-        self._close_loop()
-
-    def _close_loop(self) -> None:
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
-
-    def __enter__(self) -> "BackgroundServer":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 async def run(cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None) -> None:

@@ -42,6 +42,7 @@ class GenerateRequest:
     chunk_chars: int = 0  # 0: one character per message
     require_session: bool = False
     coalesce: bool = False  # merge the chunks that are ready into one message (see the .proto)
+    logprobs: int | None = None  # per generated character, its log-probability and the top n others' (HTTP only)
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,23 @@ class GenerateStats:
 
 
 @dataclass(frozen=True)
+class CharLogprob:
+    """A generated character's log-probability under the model (before temperature and filters), and the
+    top characters' (most likely first), as a request's `logprobs` asks."""
+
+    char: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
 class Chunk:
     """One message of a Generate stream; the last has finish_reason and stats."""
 
     text: str
     finish_reason: FinishReason | None = None
     stats: GenerateStats | None = None
+    logprobs: tuple[CharLogprob, ...] | None = None  # one per character of text, when the request asked
 
 
 @dataclass(frozen=True)

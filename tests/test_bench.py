@@ -272,6 +272,20 @@ def test_grpc_targets_compare_64_streams_with_one_and_one_stream_with_the_in_pro
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="this system cannot restrict a process's CPUs")
+def test_the_http_target_compares_sse_with_coalesced_grpc_at_64_streams_on_the_same_server():
+    def served(mode, concurrency, cps, coalesce=True):
+        return rec("ort-cpu", mode, p50=None, batch=None, concurrency=concurrency, cps=cps, chunk_chars=1,
+                   coalesce=coalesce, max_chars=200, server_cpus=[0, 1], client_cpus=[0, 1], wall_s=2.0,
+                   server_cpu_s={"front": 1.0, "workers": 1.0}, client_cpu_s=0.5)
+
+    records = [served("grpc", 64, 30000.0), served("grpc", 64, 50000.0, coalesce=False), served("http", 64, 24000.0),
+               served("grpc", 1, 2000.0), served("http", 1, 1000.0)]
+    (t,) = [t for t in report.evaluate_targets(records, []) if t["target"] == "http_1_5x"]
+    assert t["measured"] == pytest.approx(1.25) and t["passed"] and "gRPC 30,000 vs HTTP 24,000" in t["note"]
+    (t,) = [t for t in report.evaluate_targets(records[:2], []) if t["target"] == "http_1_5x"]
+    assert t["passed"] is None and "http modes at concurrency 64" in t["note"]
+
+
 def test_cpu_lists_are_parsed_and_checked():
     usable = sorted(os.sched_getaffinity(0))
     cfg = parse_args(["--server-cpus", f"{usable[0]}-{usable[0]}", "--client-cpus", f"{usable[-1]}"])
@@ -341,7 +355,11 @@ def test_quick_run_validates_against_its_schema_and_covers_every_mode(quick_run)
     jsonschema.validate(rep, report.schema())
     modes = {(r["mode"], r["backend"]) for r in rep["records"]}
     assert {("step", "torch"), ("step", "ort-cpu"), ("carried", "torch"), ("refeed", "torch"), ("grpc", "torch"),
-            ("grpc", "ort-cpu"), ("limit", "machine")} <= modes
+            ("grpc", "ort-cpu"), ("http", "torch"), ("http", "ort-cpu"), ("limit", "machine")} <= modes
+    http = [r for r in rep["records"] if r["mode"] == "http"]  # beside each coalesced gRPC point, on each server
+    assert sorted((r["backend"], r["concurrency"], report.msg_label(r)) for r in http) == [
+        (b, c, "1+") for b in ("ort-cpu", "torch") for c in (1, 8)]
+    assert all(r["details"]["errors"] == {} and r["chars_per_s"] > 0 for r in http)
     assert {r["batch"] for r in rep["records"] if r["mode"] == "step"} == {1, 8}
     grpc = [r for r in rep["records"] if r["mode"] == "grpc"]
     for backend in ("torch", "ort-cpu"):  # every (concurrency, chars per message) asked for, on each server

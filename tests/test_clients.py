@@ -13,7 +13,7 @@ from clients import generate as generate_cli
 from clients import loadgen
 from serve import server as server_module
 from serve.config import ServerConfig
-from serve.server import BackgroundServer
+from serve.background import BackgroundServer
 from train.checkpoint import load_checkpoint
 from train.sampling import generate
 
@@ -22,7 +22,7 @@ from train.sampling import generate
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     ckpt = make_checkpoint(root, cell="lstm", hidden=16)
-    with BackgroundServer(ServerConfig(models=root, port=0)) as bg:
+    with BackgroundServer(ServerConfig(models=root, port=0, http_port=0)) as bg:
         yield bg, load_checkpoint(ckpt)
 
 

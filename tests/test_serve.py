@@ -24,19 +24,18 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-import serve.workers
+import serve.link
+import serve.server
 from clients import api
 from export.runtime import TorchRuntime
 from protos.charrnn.v1 import charrnn_pb2 as pb
+from serve.batch import Batch, Prefilled, Row
 from serve.config import ServerConfig
-from serve.engine import Engine
-from serve.errors import NotFound, SessionBusy, Unavailable
+from serve.errors import NotFound, SessionBusy
 from serve.metrics import ModelMetrics
-from serve.scheduler import Rows, Stream
-from serve.server import BackgroundServer
+from serve.background import BackgroundServer
 from serve.sessions import Session, SessionCache
-from serve.streams import GenerationRows, GenerationStream
-from serve.types import Chunk, FinishReason, GenerateRequest, SessionState
+from serve.types import FinishReason, GenerateRequest, SessionState
 from train.checkpoint import load_checkpoint, save_weights
 from train.sampling import generate
 from train.vocab import Vocab
@@ -78,13 +77,55 @@ def reference(eager, model, prompt, n, temperature=0.0, top_k=0, top_p=1.0, seed
     return generate(ck.model, ck.vocab, prompt, n, temperature, top_k, top_p, seed)
 
 
-@pytest.fixture(scope="module", params=[1, 0], ids=["worker-process", "threads"])
+class Sealed:
+    """Hidden state that refuses to leave its process, as device memory (CUDA tensors, TensorRT buffers) must."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def __reduce__(self):
+        raise TypeError("this state must never be pickled: it stands for device memory")
+
+
+class SealedRuntime(TorchRuntime):
+    """A real TorchRuntime whose state objects cannot cross a process boundary."""
+
+    def new_state(self, batch):
+        return Sealed(super().new_state(batch))
+
+    def step(self, tokens, state):
+        logits, parts = super().step(tokens, state.parts)
+        return logits, Sealed(parts)
+
+    def take(self, state, rows):
+        return Sealed(super().take(state.parts, rows))
+
+    def concat(self, states):
+        return Sealed(super().concat([s.parts for s in states]))
+
+
+def open_sealed(paths, backend, providers, threads):
+    """serve.backends.open_runtimes for SealedRuntime: what a worker process calls to open its models."""
+    return {p.parent.name: SealedRuntime(p.parent) for p in paths}
+
+
+@pytest.fixture(scope="module", params=[1, 0, "sealed"], ids=["worker-process", "threads", "sealed-state"])
 def server(models_dir, request):
-    """The protocol tests run against both homes of the schedulers: a worker process (the default) and
-    threads of the server's own process (--workers 0)."""
-    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_chars=2000, workers=request.param)
-    with BackgroundServer(cfg) as bg:
+    """The protocol tests run against both homes of the worker: a process (the default) and the server's own
+    process (--workers 0); and against a worker process whose runtime's state refuses to be pickled (GPU-safe
+    by construction: state never leaves the worker, not for sessions, not at the end of a stream)."""
+    sealed = request.param == "sealed"
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, metrics_port=0, max_chars=2000, workers=1 if sealed else request.param)
+    with BackgroundServer(cfg, opener=open_sealed if sealed else serve.server.open_runtimes) as bg:
         yield bg
+
+
+def test_sealed_state_really_refuses_to_be_pickled(models_dir):
+    import pickle
+
+    rt = SealedRuntime(models_dir / model_name("lstm"))
+    with pytest.raises(TypeError, match="never be pickled"):
+        pickle.dumps(rt.new_state(1))
 
 
 @pytest.fixture(scope="module")
@@ -144,10 +185,10 @@ def test_coalesced_messages_carry_what_was_ready_with_the_same_text(server, eage
     assert msgs[-1].finish_reason == pb.FINISH_REASON_LENGTH and msgs[-1].stats.generated_chars == 2000
 
 
-def test_coalescing_streams_take_turns_to_send_and_a_stalled_one_holds_up_no_one(models_dir, eager):
-    """--max-sending 1: eight coalescing streams share one turn to send and all get their text; a client that
-    stops reading keeps its turn while grpc waits for it, and the others send without it after a short wait."""
-    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG, max_sending=1, workers=0)
+def test_coalescing_streams_all_get_their_text_and_a_stalled_one_holds_up_no_one(models_dir, eager):
+    """Eight coalescing streams at once all get their text; a client that stops reading keeps its stream (its
+    credit runs out, it leaves the batch) and another stream, in a batch of one, is served meanwhile."""
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG, max_batch=1, max_unsent=4, workers=0)
     with BackgroundServer(cfg) as bg:
         model, prompts = model_name("gru"), ["the ", "a dog ", "over ", "quick ", "lazy ", "fox ", "it ", "and "]
         with ThreadPoolExecutor(8) as pool:
@@ -158,75 +199,57 @@ def test_coalescing_streams_take_turns_to_send_and_a_stalled_one_holds_up_no_one
         stalled = api.pb_grpc.GeneratorStub(grpc.insecure_channel(bg.target, options))
         call = stalled.Generate(api.generate_request(model, "the ", BIG, coalesce=True), timeout=60)
         next(call)
-        time.sleep(0.3)  # its writes now wait for a client that reads nothing, turn in hand
+        time.sleep(0.3)  # its writes now wait for a client that reads nothing
         other = api.stub(bg.target).Generate(api.generate_request(model, "dog", 300, coalesce=True), timeout=20)
         assert "".join(m.text for m in other) == reference(eager, model, "dog", 300)
         call.cancel()
 
 
-def test_merging_stops_before_an_error_and_raises_it_after():
-    class Acks:
-        count = 0
-
-        def ack(self, stream):
-            self.count += 1
-
-    engine, acks = Engine({}, ServerConfig(models=Path("."), max_chunk_chars=4)), Acks()
-    stream = Stream(np.zeros(1, np.int64))
-    stream.queue = asyncio.Queue()
-    for event in (Chunk("bc"), Chunk("de"), Chunk("fg", FinishReason.LENGTH)):
-        stream.queue.put_nowait(event)
-    assert engine._merge(Chunk("a"), stream, acks) == (Chunk("abcde"), None)  # stops at about 4 characters
-    assert engine._merge(stream.queue.get_nowait(), stream, acks) == (Chunk("fg", FinishReason.LENGTH), None)
-    for event in (Chunk("b"), Unavailable("gone"), Chunk("c")):
-        stream.queue.put_nowait(event)
-    merged, error = engine._merge(Chunk("a"), stream, acks)
-    assert merged == Chunk("ab") and isinstance(error, Unavailable) and stream.queue.qsize() == 1
-    assert acks.count == 4  # every event taken is acknowledged (backpressure)
-
-
-def test_streams_batched_in_arrays_send_what_they_would_one_by_one():
-    """GenerationRows (a batch's bookkeeping in arrays) against GenerationStream.accept (stream by stream): the
-    same next tokens, events, stats and metrics, while streams join, finish, stop and are regrouped mid-chunk."""
-    vocab = Vocab("abcdef")
-    reqs = [GenerateRequest("m", "ab", max_chars=40 + 7 * i, temperature=[0.0, 1.0, 0.7][i % 3], top_k=[0, 3][i % 2],
+def test_a_batch_gives_each_row_the_text_it_would_have_alone(models_dir):
+    """Batch.filter and Batch.concatenate mid-chunk (rows leave and join between steps, as credit and arrivals
+    make them) against each row stepped alone in a batch of one: the same messages, finishes and stats."""
+    rt = TorchRuntime(models_dir / model_name("lstm"))
+    vocab = rt.vocab
+    reqs = [GenerateRequest("m", "ab", max_chars=30 + 7 * i, temperature=[0.0, 1.0, 0.7][i % 3], top_k=[0, 3][i % 2],
                             top_p=[1.0, 0.8][i // 3 % 2], seed=i, chunk_chars=1 + i % 5,
-                            stop=(("ca", "fed") if i % 4 == 1 else ())) for i in range(10)]
+                            stop=(("at", "D.") if i % 4 == 1 else ())) for i in range(10)]
+    clock = iter(range(1, 10**6))
 
-    def streams(metrics):
-        return [GenerationStream(vocab.encode("ab")[-1:], None, r, vocab, SessionState.NONE, 0.0, metrics)
-                for r in reqs]
+    def prefilled(i):
+        _, state = rt.step(vocab.encode("th")[None], rt.new_state(1))
+        return Prefilled(Row(i, reqs[i], SessionState.NONE, 0.0), vocab.encode("e"), state, 10**6)
 
-    one_m, many_m, rng = ModelMetrics(), ModelMetrics(), np.random.default_rng(0)
-    one_all, many_all = streams(one_m), streams(many_m)
-    joins = {1: range(0, 6), 5: range(6, 8), 85: range(8, 10)}  # step: the streams that join before it
-    one, many, group, seen, kinds = [], [], None, [], set()
-    for step in range(1, 200):
+    def messages(batch_of_rows):
+        got = {}
+        batch = Batch.from_requests(batch_of_rows, rt)
+        while batch is not None:
+            for i, text, finish, stats in batch.step(rt, lambda: float(next(clock))):
+                got.setdefault(batch.ids[i], []).append((text, finish, stats and stats.generated_chars))
+            batch = batch.filter([i for i in range(len(batch)) if not any(e[1] for e in got.get(batch.ids[i], []))], rt)
+        return got
+
+    alone = {}
+    for i in range(len(reqs)):
+        alone.update(messages([prefilled(i)]))
+    together, batch, step = {}, None, 0
+    joins = {0: range(0, 6), 3: range(6, 8), 40: range(8, 10)}
+    while batch is not None or step <= 40:
         if step in joins:
-            one += [one_all[i] for i in joins[step]]
-            new = [many_all[i] for i in joins[step]]
-            group = GenerationStream.rows(new) if group is None else group.join(new)
-            many += new
-        if not one:
-            break
-        kinds.add(type(group))
-        np.testing.assert_array_equal(group.tokens(), Rows(one).tokens())
-        logits = rng.standard_normal((len(one), len(vocab))).astype(np.float32)
-        events = Rows(one).advance(logits, float(step))
-        assert group.advance(logits, float(step)) == events
-        seen += [e for _, e in events]
-        keep = [i for i, s in enumerate(one) if not s.done]
-        if len(keep) < len(one):  # streams left the batch
-            group = group.keep(keep) if keep else None
-            one, many = [one[i] for i in keep], [many[i] for i in keep]
-        if step % 9 == 0 and group is not None:  # the batch regrouped, mid-chunk
-            group.close()
-            group = GenerationStream.rows(many)
-    assert not one and kinds == {Rows, GenerationRows}
-    assert any(e.finish_reason == FinishReason.STOP for e in seen)
-    assert any(e.finish_reason == FinishReason.LENGTH and e.stats.generated_chars == 40 for e in seen)
-    for a, b in ((one_m.ttfc, many_m.ttfc), (one_m.inter_char, many_m.inter_char)):
-        assert a.counts == b.counts and a.sum == pytest.approx(b.sum)
+            batch = Batch.concatenate([batch, Batch.from_requests([prefilled(i) for i in joins[step]], rt)], rt)
+        if batch is not None:
+            for i, text, finish, stats in batch.step(rt, lambda: float(next(clock))):
+                together.setdefault(batch.ids[i], []).append((text, finish, stats and stats.generated_chars))
+            done = {sid for sid, msgs in together.items() if msgs[-1][1] is not None}
+            keep = [i for i, sid in enumerate(batch.ids) if sid not in done]
+            if step % 5 == 2 and len(keep) > 1:  # one row leaves mid-chunk and rejoins at the end
+                out, keep = batch.filter(keep[:1], rt), keep[1:]
+                batch = Batch.concatenate([batch.filter(keep, rt), out], rt)
+            else:
+                batch = batch.filter(keep, rt)
+        step += 1
+    assert together == alone
+    kinds = {m[1] for msgs in alone.values() for m in msgs}
+    assert {None, FinishReason.LENGTH, FinishReason.STOP} <= kinds
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -334,6 +357,8 @@ def test_reflection(server):
 def test_metrics(server, stub):
     run(stub, model=model_name("gru"), prompt="a", max_chars=20)
     code_of(lambda: run(stub, model="nope", prompt="a"))
+    # the count goes up as the handler ends, which can be just after the client has its status
+    assert wait_until(lambda: metric(server, 'charrnn_requests_total{code="NOT_FOUND",method="Generate"}') > 0)
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read().decode()
     for name in ["charrnn_time_to_first_char_seconds_count", "charrnn_inter_char_seconds_bucket",
                  "charrnn_batch_size_count", "charrnn_active_streams", "charrnn_sessions",
@@ -354,7 +379,7 @@ def ort_server(models_dir, tmp_path_factory):
     quick = ParitySpec(batches=(1, 3), prefills=(5,), steps=20)  # the export's own tests run the full check
     for cell in CELLS:
         export_onnx(models_dir / model_name(cell), exports / model_name(cell), parity=quick)
-    cfg = ServerConfig(models=exports, backend="onnxruntime", providers="cpu", threads=1, port=0)
+    cfg = ServerConfig(models=exports, backend="onnxruntime", providers="cpu", threads=1, port=0, http_port=0)
     with BackgroundServer(cfg) as bg:
         yield bg
 
@@ -377,7 +402,7 @@ def test_a_server_of_exports_never_loads_torch(ort_server):
     """torch costs a process ~1 s to import and ~185 MB; a server of exports (front end, workers) needs none of it."""
     code = "import sys, serve.server, clients.generate, clients.loadgen; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
-    workers = ort_server.server.engine.pool.workers
+    workers = ort_server.server.engine.links
     assert workers
     for w in workers:  # what the running worker process has mapped (Linux)
         maps = Path(f"/proc/{w.process.pid}/maps")
@@ -387,10 +412,10 @@ def test_a_server_of_exports_never_loads_torch(ort_server):
 
 
 def test_the_server_loads_at_start_what_a_first_request_would_load():
-    """numpy loads numpy.random lazily (~18 ms), and a worker would load the stream classes when it unpickles
-    its first stream: both at start, so the first request's first character is not late (it was by ~15 ms)."""
-    for module in ("serve.server", "serve.workers"):
-        code = f"import sys, {module}; sys.exit(not {{'numpy.random', 'serve.streams'}} <= set(sys.modules))"
+    """numpy loads numpy.random lazily (~18 ms), and a worker would load the batch module when it meets its first
+    stream: both at start, so the first request's first character is not late (it was by ~15 ms)."""
+    for module in ("serve.server", "serve.worker"):
+        code = f"import sys, {module}; sys.exit(not {{'numpy.random', 'serve.batch'}} <= set(sys.modules))"
         assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0, module
 
 
@@ -417,7 +442,8 @@ BAD = [
      grpc.StatusCode.NOT_FOUND),
     ("nothing to continue", dict(GOOD, prompt=""), grpc.StatusCode.INVALID_ARGUMENT),
     ("empty prompt, unknown session", dict(GOOD, prompt="", session_id="never-seen-2"),
-     grpc.StatusCode.INVALID_ARGUMENT),
+     grpc.StatusCode.NOT_FOUND),
+    ("model name too long", dict(GOOD, model="m" * 16384), grpc.StatusCode.INVALID_ARGUMENT),
     ("prompt too long", dict(GOOD, prompt="a" * 4097), grpc.StatusCode.INVALID_ARGUMENT),
     ("too many stop sequences", dict(GOOD, stop=["a"] * 9), grpc.StatusCode.INVALID_ARGUMENT),
     ("empty stop sequence", dict(GOOD, stop=[""]), grpc.StatusCode.INVALID_ARGUMENT),
@@ -460,7 +486,7 @@ def test_bad_requests_do_not_disturb_other_streams(server, eager):
 
 @pytest.fixture
 def small(models_dir):
-    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_streams=1, max_chars=BIG,
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, metrics_port=0, max_streams=1, max_chars=BIG,
                        session_ttl_s=0.5, max_sessions=1)
     with BackgroundServer(cfg) as bg:
         yield bg
@@ -483,7 +509,7 @@ def test_a_stream_paused_out_of_a_batch_and_back_keeps_its_text(models_dir, eage
     """Backpressure in a batch big enough for its bookkeeping to be in arrays (GenerationRows): the stalled stream
     leaves the batch with its figures and rejoins it later, Predict jobs regroup the batch mid-chunk meanwhile,
     and every text is still the eager one."""
-    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG, max_unsent=16)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG, max_unsent=16)
     model, prompts = model_name("gru"), ["a dog ", "over ", "quick ", "lazy ", "fox "]
     started, finished = threading.Barrier(len(prompts) + 1), threading.Event()
 
@@ -525,7 +551,7 @@ def test_capacity_and_cancelled_stream_frees_its_slot(small):
     assert code_of(lambda: run(stub, **GOOD)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     call.cancel()
     assert wait_until(lambda: active_streams(small) == 0 and small.server.engine.in_flight == 0)
-    assert small.server.engine.schedulers[model_name("lstm")].worker.streams == {}  # nothing left behind
+    assert small.server.engine.streams == {}  # nothing left behind
     assert run(stub, **GOOD)[2].finish_reason == pb.FINISH_REASON_LENGTH
     # a cancelled stream does not advance (or create) its session
     resume = dict(GOOD, prompt="", session_id="cancelled", require_session=True)
@@ -540,7 +566,7 @@ def metric(bg, name) -> float:
 def test_a_stalled_client_pauses_its_stream(models_dir, eager):
     """Backpressure: the server runs at most max_unsent messages ahead of a client that stops reading, and the
     paused stream gives up its place in the batch (max_batch 1 here) to others."""
-    cfg = ServerConfig(models=models_dir, port=0, metrics_port=0, max_batch=1, max_chars=BIG, max_unsent=16)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, metrics_port=0, max_batch=1, max_chars=BIG, max_unsent=16)
     with BackgroundServer(cfg) as bg:
         # a small flow-control window, so that grpc itself holds only a few of the messages
         options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
@@ -568,9 +594,10 @@ def test_deadline_is_honoured(small):
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 5
     assert wait_until(lambda: active_streams(small) == 0 and small.server.engine.in_flight == 0)
     # counted as what it was, not as OK (as when a cancel landed in grpc's own send, outside the handler)
-    assert wait_until(lambda: metric(small, counted % "DEADLINE_EXCEEDED") == before["DEADLINE_EXCEEDED"] + 1)
+    assert wait_until(lambda: metric(small, counted % "DEADLINE_EXCEEDED") == before["DEADLINE_EXCEEDED"] + 1), \
+        urllib.request.urlopen(f"http://127.0.0.1:{small.server.metrics_port}/metrics", timeout=5).read().decode()
     assert metric(small, counted % "OK") == before["OK"]
-    assert small.server.engine.schedulers[model_name("lstm")].worker.streams == {}  # nothing left behind
+    assert small.server.engine.streams == {}  # nothing left behind
     assert run(stub, **GOOD)[2].finish_reason == pb.FINISH_REASON_LENGTH
 
 
@@ -593,7 +620,7 @@ def test_sessions_are_evicted_and_expire(small, eager):
 
 
 def test_a_session_serves_one_stream_at_a_time(models_dir):
-    with BackgroundServer(ServerConfig(models=models_dir, port=0, max_chars=BIG)) as bg:
+    with BackgroundServer(ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG)) as bg:
         stub = api.stub(bg.target)
         call = stub.Generate(api.generate_request(model_name("gru"), "the ", BIG, session_id="busy"), timeout=60)
         next(call)
@@ -621,7 +648,7 @@ class CountingRuntime(TorchRuntime):
 def test_continuous_batching_steps_all_streams_together(models_dir, eager):
     model = model_name("lstm")
     rt = CountingRuntime(models_dir / model)
-    cfg = ServerConfig(models=models_dir, port=0, max_batch=8, prefill_chunk=16, workers=0)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, max_batch=8, prefill_chunk=16, workers=0)
     with BackgroundServer(cfg, {model: rt}) as bg:
         stub = api.stub(bg.target)
         jobs = [dict(model=model, prompt=TEXT[i:i + 5], max_chars=40 + i, temperature=1.0, seed=i) for i in range(12)]
@@ -670,7 +697,7 @@ def test_session_cache_ttl_lru_and_busy():
 def kill_mid_stream(bg, model):
     """Kill the worker running model while one of its streams is running: that stream ends UNAVAILABLE."""
     stub = api.stub(bg.target)
-    process = bg.server.engine.schedulers[model].worker.process
+    process = bg.server.engine.routes[model].process
     call = stub.Generate(api.generate_request(model, "the ", BIG), timeout=60)
     next(call)  # streaming
     process.kill()
@@ -686,41 +713,54 @@ def health_of(bg, *names):
     return {n: health.Check(health_pb2.HealthCheckRequest(service=n), timeout=5).status == serving for n in names}
 
 
-def test_a_worker_that_keeps_dying_stays_down_and_the_others_carry_on(models_dir, eager, monkeypatch):
-    monkeypatch.setattr(serve.workers, "MAX_RESTARTS", 1)
-    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG, workers=2)  # gru, rnn | lstm
+def test_a_worker_that_keeps_dying_is_restarted_with_backoff_and_says_so_meanwhile(models_dir, eager, monkeypatch):
+    """No silent outage: a worker killed again and again comes back each time (after a growing delay); while it
+    is down, its models' health and the server's say NOT_SERVING, and the other worker's models carry on."""
+    monkeypatch.setattr(serve.link, "RESTART_FIRST_S", 1.0)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG, workers=2)  # gru, rnn | lstm
     lstm, gru = model_name("lstm"), model_name("gru")
     with BackgroundServer(cfg) as bg:
         stub = api.stub(bg.target)
-        other = bg.server.engine.schedulers[gru].worker.process
-        first = kill_mid_stream(bg, lstm)
-        assert wait_until(lambda: health_of(bg, lstm)[lstm], timeout=120)  # restarted once
-        assert bg.server.engine.schedulers[lstm].worker.process.pid != first.pid
-        kill_mid_stream(bg, lstm)  # again: past MAX_RESTARTS, so it stays down
-        assert code_of(lambda: run(stub, model=lstm, prompt="the ", max_chars=5)) == grpc.StatusCode.UNAVAILABLE
-        assert run(stub, model=gru, prompt="the ", max_chars=60)[0] == reference(eager, gru, "the ", 60)
+        other = bg.server.engine.routes[gru].process
+        pids = set()
+        for _ in range(5):  # more deaths within a minute than the old limit of 3 restarts
+            pids.add(kill_mid_stream(bg, lstm).pid)
+            assert health_of(bg, "", lstm, gru) == {"": False, lstm: False, gru: True}
+            assert code_of(lambda: run(stub, model=lstm, prompt="the ", max_chars=5)) == grpc.StatusCode.UNAVAILABLE
+            assert run(stub, model=gru, prompt="the ", max_chars=60)[0] == reference(eager, gru, "the ", 60)
+            assert wait_until(lambda: health_of(bg, lstm)[lstm], timeout=120)  # restarted
+            assert health_of(bg, "", "charrnn.v1.Generator") == {"": True, "charrnn.v1.Generator": True}
+        assert bg.server.engine.routes[lstm].process.pid not in pids and len(pids) == 5
+        assert run(stub, model=lstm, prompt="the ", max_chars=60)[0] == reference(eager, lstm, "the ", 60)
         assert len(api.list_models(stub)) == len(CELLS)
-        assert health_of(bg, "", lstm, gru) == {"": True, lstm: False, gru: True}
     assert not other.is_alive()  # stopped with the server
 
 
 def test_a_dead_worker_is_restarted_and_its_models_serve_again(models_dir, eager):
-    cfg = ServerConfig(models=models_dir, port=0, max_chars=BIG)
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG)
     lstm = model_name("lstm")
     with BackgroundServer(cfg) as bg:
         stub = api.stub(bg.target)
+        for sid in ("kept", "required"):
+            run(stub, model=lstm, prompt="the ", max_chars=10, session_id=sid)
         kill_mid_stream(bg, lstm)
         assert not health_of(bg, lstm)[lstm]
         assert wait_until(lambda: health_of(bg, lstm)[lstm], timeout=120)
         for cell in CELLS:  # every model of that worker, greedy text exact, sessions fresh
             model = model_name(cell)
             assert run(stub, model=model, prompt="the ", max_chars=60)[0] == reference(eager, model, "the ", 60)
+        # its sessions were lost with it, and the next request on one says so
+        text, _, last = run(stub, model=lstm, prompt="dog", max_chars=20, session_id="kept")
+        assert last.stats.session == pb.SESSION_STATE_EXPIRED and text == reference(eager, lstm, "dog", 20)
+        with pytest.raises(grpc.RpcError) as e:
+            run(stub, model=lstm, prompt="", max_chars=5, session_id="required", require_session=True)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "lost" in e.value.details()
 
 
 def test_a_stopping_server_ends_streams_and_its_workers(models_dir):
-    bg = BackgroundServer(ServerConfig(models=models_dir, port=0, max_chars=BIG))
+    bg = BackgroundServer(ServerConfig(models=models_dir, port=0, http_port=0, max_chars=BIG))
     stub = api.stub(bg.target)
-    worker = bg.server.engine.schedulers[model_name("rnn")].worker.process
+    worker = bg.server.engine.routes[model_name("rnn")].process
     call = stub.Generate(api.generate_request(model_name("rnn"), "the ", BIG), timeout=60)
     next(call)
     bg.stop(grace_s=0.0)
@@ -728,3 +768,83 @@ def test_a_stopping_server_ends_streams_and_its_workers(models_dir):
         list(call)
     assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     assert not worker.is_alive() and worker.exitcode == 0
+
+
+# reliability: what a fault and abuse probe found (issue 13)
+
+
+def test_a_client_that_stops_reading_loses_its_stream_after_the_stall_timeout(models_dir, eager):
+    """A stream whose client takes no message for --stall-timeout-s ends and frees its slot (max_streams 1 here):
+    stalled clients cannot lock everyone else out."""
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, metrics_port=0, max_streams=1, max_chars=BIG, max_unsent=4,
+                       stall_timeout_s=1.0)
+    with BackgroundServer(cfg) as bg:
+        options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        stalled = api.pb_grpc.GeneratorStub(grpc.insecure_channel(bg.target, options))
+        call = stalled.Generate(api.generate_request(model_name("gru"), "the ", BIG), timeout=60)
+        next(call)  # then reads nothing
+        stub = api.stub(bg.target)
+        assert code_of(lambda: run(stub, **GOOD)) == grpc.StatusCode.RESOURCE_EXHAUSTED  # it holds the one slot
+        t0 = time.monotonic()
+        assert wait_until(lambda: bg.server.engine.in_flight == 0, timeout=20)
+        assert time.monotonic() - t0 > 0.5  # not at once: after the timeout
+        assert run(stub, **GOOD)[0] == reference(eager, GOOD["model"], GOOD["prompt"], GOOD["max_chars"])
+        assert metric(bg, "charrnn_stalled_streams_total") == 1
+        with pytest.raises(grpc.RpcError):  # its stream has ended
+            for _ in call:
+                pass
+
+
+def test_overload_is_resource_exhausted_and_counted(models_dir):
+    """Far more concurrent calls than --max-streams on one channel (and than grpc's default backlog of 1,000, which
+    cancelled the rest): each one either succeeds or is refused with RESOURCE_EXHAUSTED, and every refusal is
+    counted."""
+    cfg = ServerConfig(models=models_dir, port=0, http_port=0, metrics_port=0, max_streams=16, max_chars=BIG, workers=0)
+    with BackgroundServer(cfg) as bg:
+
+        async def storm(n):
+            async with grpc.aio.insecure_channel(bg.target) as channel:
+                stub = api.pb_grpc.GeneratorStub(channel)
+
+                async def one():
+                    try:
+                        async for _ in stub.Generate(api.generate_request(model_name("rnn"), "the ", 20), timeout=60):
+                            pass
+                        return grpc.StatusCode.OK
+                    except grpc.aio.AioRpcError as e:
+                        return e.code()
+                return await asyncio.gather(*(one() for _ in range(n)))
+
+        codes = asyncio.run(storm(1500))
+        counts = {c: codes.count(c) for c in set(codes)}
+        assert set(counts) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, counts
+        assert counts.get(grpc.StatusCode.OK, 0) >= 16
+        refused = 'charrnn_requests_total{code="RESOURCE_EXHAUSTED",method="Generate"}'
+        assert metric(bg, refused) == counts.get(grpc.StatusCode.RESOURCE_EXHAUSTED, 0)
+
+
+def test_a_long_model_name_is_refused_without_echoing_it(stub):
+    with pytest.raises(grpc.RpcError) as e:
+        run(stub, **dict(GOOD, model="m" * 16384))
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and len(e.value.details()) < 200
+    with pytest.raises(grpc.RpcError) as e:  # under the cap but unknown: quoted, cut short
+        run(stub, **dict(GOOD, model="x" * 120))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and len(e.value.details()) < 300
+
+
+def test_corrupt_request_bodies_are_invalid_argument_and_counted(server):
+    channel = grpc.insecure_channel(server.target)
+    counted = 'charrnn_requests_total{code="INVALID_ARGUMENT",method="%s"}'
+    before = {m: metric(server, counted % m) for m in ("Generate", "Predict")}
+    model = model_name("gru").encode()
+    bad_utf8 = b"\x0a" + bytes([len(model)]) + model + b"\x12\x02\xc3\x28"  # model, then text = invalid UTF-8
+    for body in (b"\xff\xff\xff\xff", bad_utf8):
+        for method, kind in (("Predict", channel.unary_unary), ("Generate", channel.unary_stream)):
+            call = kind(f"/charrnn.v1.Generator/{method}")
+            with pytest.raises(grpc.RpcError) as e:
+                result = call(body, timeout=10)
+                list(result) if method == "Generate" else None
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, body, e.value.details())
+            assert "Error" not in e.value.details()  # no internal class names
+    assert wait_until(lambda: all(metric(server, counted % m) == before[m] + 2 for m in before))
+    assert run(api.stub(server.target), **GOOD)[2].finish_reason == pb.FINISH_REASON_LENGTH

@@ -22,14 +22,15 @@ from clients import api
 from protos.charrnn.v1 import charrnn_pb2 as pb
 from serve.backends import BackendError, load_runtimes, ort_providers
 from serve.config import ServerConfig
-from serve.server import BackgroundServer, StartError, main
+from serve.background import BackgroundServer
+from serve.server import StartError, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def start_server(models: Path, *args: str) -> tuple[subprocess.Popen, str, list[str]]:
     """`python -m serve` on a free port; returns the process, its address and its log lines so far."""
-    proc = subprocess.Popen([sys.executable, "-m", "serve", "--models", str(models), "--port", "0", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "serve", "--models", str(models), "--port", "0", "--http-port", "0", *args],
                             cwd=ROOT, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     lines = []
     deadline = time.monotonic() + 60
@@ -96,7 +97,16 @@ def test_unservable_model_directories_are_clear_errors(tmp_path, caplog):
     with pytest.raises(BackendError, match="unreadable JSON"):
         load_runtimes(tmp_path / "broken", "torch")
     with pytest.raises(BackendError, match="unreadable JSON"):  # the same, said by a worker process
-        BackgroundServer(ServerConfig(models=tmp_path / "broken", port=0, workers=1))
+        BackgroundServer(ServerConfig(models=tmp_path / "broken", port=0, http_port=0, workers=1))
+
+
+def test_a_directory_of_exports_without_backend_hints_at_it(tmp_path, caplog):
+    """python -m serve --models exports (ONNX files, not checkpoints) without --backend says which backend."""
+    model = tmp_path / "exports" / "lstm-h8-fc1-s1"
+    model.mkdir(parents=True)
+    (model / "model.onnx").write_bytes(b"not read: the hint comes from the file's name")
+    assert main(["--models", str(tmp_path / "exports")]) == 2
+    assert "--backend onnxruntime" in caplog.text
 
 
 def test_tensorrt_backend_without_tensorrt_says_so(tmp_path):
@@ -122,6 +132,6 @@ def test_models_are_served_by_directory_name(tmp_path):
 
 def test_a_taken_port_is_an_error(tmp_path):
     ckpt = make_checkpoint(tmp_path, cell="rnn", hidden=8)
-    with BackgroundServer(ServerConfig(models=ckpt, port=0)) as bg:
+    with BackgroundServer(ServerConfig(models=ckpt, port=0, http_port=0)) as bg:
         with pytest.raises(StartError, match="cannot listen"):
-            BackgroundServer(ServerConfig(models=ckpt, port=bg.server.port))
+            BackgroundServer(ServerConfig(models=ckpt, port=bg.server.port, http_port=0))

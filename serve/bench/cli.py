@@ -5,6 +5,7 @@
     python -m serve.bench --models runs/seed-p23 --backends torch,ort-cpu --modes step,limit
     python -m serve.bench --quick --threads 1,2 --modes step,limit   # each CPU backend at 1 and 2 threads
     python -m serve.bench --quick --modes grpc --server-cpus 0,1 --client-cpus 2,3   # load generator apart
+    python -m serve.bench --modes grpc,http --cells lstm --hidden-sizes 128 --concurrency 1,64   # SSE beside gRPC
 """
 from __future__ import annotations
 
@@ -70,12 +71,13 @@ class BenchConfig:
     precisions: tuple[str, ...] = _opt(("fp32",), "precisions of the exported backends, comma separated "
                                                   "(fp16: onnxruntime/TensorRT on fp16 ONNX models)", _strs)
     batches: tuple[int, ...] = _opt((1, 8, 64, 256), "step mode's batch sizes", _ints)
-    concurrency: tuple[int, ...] = _opt((1, 8, 64), "grpc mode's concurrent streams", _ints)
+    concurrency: tuple[int, ...] = _opt((1, 8, 64), "grpc and http modes' concurrent streams", _ints)
     chunk_chars: tuple[int, ...] = _opt((1, 16), "grpc mode's characters per message (the requests' chunk_chars), "
                                                  "each at every --concurrency", _ints)
     coalesce: tuple[int, ...] = _opt((1,), "grpc mode's characters per message run again with coalescing (the "
                                            "requests' coalesce: that many or more per message, what was ready; "
-                                           "shown as 1+), each at every --concurrency; '' for none", _ints)
+                                           "shown as 1+), each at every --concurrency; '' for none; http mode's "
+                                           "(its streams always coalesce)", _ints)
     server_cpus: tuple[int, ...] = _opt((), "grpc mode: the CPUs the server and its worker processes may run on "
                                             "(as taskset takes them: 0,1 or 0-1); default: all", _cpus)
     client_cpus: tuple[int, ...] = _opt((), "grpc mode: the CPUs of the load generator (e.g. 2-5, apart from "

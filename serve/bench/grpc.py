@@ -89,9 +89,10 @@ class ServerProcess:
     module = "serve"
 
     def __init__(self, models: Path, backend: str, providers: str = "", threads: int = 1, log_dir: Path = Path("."),
-                 max_batch: int = 64, start_timeout_s: float = 120.0, cpus: tuple[int, ...] = ()):
+                 max_batch: int = 64, start_timeout_s: float = 120.0, cpus: tuple[int, ...] = (), http: bool = False):
         self.args = ["--models", str(models), "--backend", backend, "--threads", str(threads), "--host", "127.0.0.1",
                      "--max-batch", str(max_batch), "--grace-s", "1"]
+        self.http, self.http_url = http, ""  # http: its HTTP port too (serve.http), at http_url
         self.args += ["--providers", providers] if providers else []
         self.threads, self.start_timeout_s, self.cpus = threads, start_timeout_s, cpus
         self.log_path = Path(log_dir) / f"server-{backend}-{providers or 'default'}-{os.getpid()}.log"
@@ -100,13 +101,16 @@ class ServerProcess:
     @property
     def command(self) -> str:
         pin = f"taskset -c {','.join(map(str, self.cpus))} " if self.cpus else ""
-        return pin + f"python -m {self.module} " + " ".join(self.args + ["--port", "PORT"])
+        http = ["--http-port", "HTTP_PORT" if self.http else "0"] if self.module == "serve" else []
+        return pin + f"python -m {self.module} " + " ".join(self.args + ["--port", "PORT", *http])
 
     def __enter__(self) -> str:
         for attempt in range(2):  # a free port can be taken between asking and binding: then once more
-            port = free_port()
+            port, http_port = free_port(), free_port() if self.http else 0
+            self.http_url = f"http://127.0.0.1:{http_port}" if self.http else ""
+            ports = ["--port", str(port)] + (["--http-port", str(http_port)] if self.module == "serve" else [])
             with open(self.log_path, "wb") as out:
-                self.proc = subprocess.Popen(module_command(self.module, [*self.args, "--port", str(port)], self.cpus),
+                self.proc = subprocess.Popen(module_command(self.module, [*self.args, *ports], self.cpus),
                                              stdout=out, stderr=subprocess.STDOUT, env=_env(self.threads), cwd=ROOT)
             self.target = target = f"127.0.0.1:{port}"
             try:
@@ -162,6 +166,7 @@ class FloorProcess(ServerProcess):
 
     def __init__(self, log_dir: Path = Path("."), cpus: tuple[int, ...] = (), start_timeout_s: float = 30.0):
         self.args = ["--host", "127.0.0.1"]
+        self.http, self.http_url = False, ""
         self.threads, self.start_timeout_s, self.cpus = 1, start_timeout_s, cpus
         self.log_path = Path(log_dir) / f"floor-{os.getpid()}.log"
         self.proc = None
@@ -174,16 +179,18 @@ def client_processes(cpus: tuple[int, ...], server_cpus: tuple[int, ...], concur
 
 
 def drive(server: ServerProcess, concurrency: int, requests: int, max_chars: int, chunk_chars: int = 1,
-          coalesce: bool = False, warmup: int = 2, cpus: tuple[int, ...] = (), work_dir: Path = Path(".")) -> dict:
+          coalesce: bool = False, warmup: int = 2, cpus: tuple[int, ...] = (), work_dir: Path = Path("."),
+          http: bool = False) -> dict:
     """`python -m clients.loadgen` (its own process, on `cpus` when given) against the running server:
     `concurrency` streams in flight, `requests` in all, each asking for `max_chars` characters streamed
     `chunk_chars` per message (or more, coalescing), sampled at loadgen's defaults; on CPUs apart from the
     server's, in one process per CPU (one Python gRPC client tops out at about a core). Its JSON result, with
     the settings it ran with and the CPU time the server used while the load generator timed (`server_cpu_s`:
-    from loadgen's line saying it starts timing to its exit; None without /proc)."""
+    from loadgen's line saying it starts timing to its exit; None without /proc). http: the same requests to the
+    server's HTTP port (`--http`; streams there always coalesce)."""
     out = Path(work_dir) / f"loadgen-{os.getpid()}.json"
     processes = client_processes(cpus, server.cpus, concurrency)
-    args = ["--target", server.target, "--concurrency", str(concurrency), "--requests", str(requests), "--max-chars",
+    args = [*(["--http", server.http_url] if http else ["--target", server.target]), "--concurrency", str(concurrency), "--requests", str(requests), "--max-chars",
             str(max_chars), "--chunk-chars", str(chunk_chars), "--warmup", str(warmup), "--timeout", "600",
             "--processes", str(processes), "--out", str(out)] + (["--coalesce"] if coalesce else [])
     before, lines = None, []

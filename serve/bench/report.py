@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "charrnn-latency/5"
 MIN_GRPC_REQUESTS = 24  # a gRPC point's requests in all: one stream's run outlasts a hiccup of the machine
-MODES = ("step", "refeed", "grpc", "limit")  # what --modes selects; refeed also measures "carried"
+MODES = ("step", "refeed", "grpc", "http", "limit")  # what --modes selects; refeed also measures "carried"
 
 # --- records --------------------------------------------------------------------------------------
 
@@ -151,6 +151,8 @@ TARGETS = {
     "int8_64_1.3x": "int8 onnxruntime CPU step at batch 64 >= 1.3x faster than the fp32 one (LSTM, GRU; hidden 512)",
     "int8_under_fp32_limit": "int8 step at batch 1 faster than the fp32 machine limit (measured / fp32 limit < 1; "
                              "hidden 512)",
+    "http_1_5x": "HTTP streaming (SSE, /v1/completions) within 1.5x of gRPC's characters/s at 64 streams with "
+                 "coalescing, the same server and chars/msg (measured: gRPC chars/s / HTTP chars/s)",
 }
 
 
@@ -164,11 +166,13 @@ NEEDS = {  # what each target needs that a run may lack
     "int8_1.5x": "it needs step mode with ort-cpu and ort-cpu-int8 on an LSTM or GRU at hidden 512, batch 1",
     "int8_64_1.3x": "it needs step mode with ort-cpu and ort-cpu-int8 on an LSTM or GRU at hidden 512, batch 64",
     "int8_under_fp32_limit": "it needs step and limit modes with ort-cpu-int8 at hidden 512",
+    "http_1_5x": "it needs grpc and http modes at concurrency 64 with coalescing (--coalesce)",
 }
 THRESHOLDS = {  # what each target asks: (threshold, whether the measure must be higher or lower)
     "ort_cpu_3x": (3.0, "higher"), "carried_20x": (20.0, "higher"), "limit_3x": (3.0, "lower"),
     "gpu_3x": (3.0, "higher"), "grpc_batching_10x": (10.0, "higher"), "grpc_one_stream_2x": (2.0, "lower"),
     "int8_1.5x": (1.5, "higher"), "int8_64_1.3x": (1.3, "higher"), "int8_under_fp32_limit": (1.0, "lower"),
+    "http_1_5x": (1.5, "lower"),
 }
 
 
@@ -261,6 +265,15 @@ def evaluate_targets(records: list[dict], skipped: list[dict], floor: list[dict]
                                     f"{r['mean_us']:.0f} vs {loop['mean_us']:.1f} us per character{bare}; "
                                     f"{where(r)}{cpu_use(r)}"))
     out += _int8_targets(records)
+    same = lambda r: (r["model"], r["backend"], r["precision"], r["threads"], r["concurrency"],  # noqa: E731
+                      msg_label(r))
+    beside = {same(r): r for r in records if r["mode"] == "grpc" and r["details"].get("coalesce")}
+    for r in records:
+        g = beside.get(same(r)) if r["mode"] == "http" and r["concurrency"] == 64 else None
+        if g and r["chars_per_s"]:
+            out.append(_target("http_1_5x", r, g["chars_per_s"] / r["chars_per_s"],
+                               note=f"{msg_label(r)} chars/msg: gRPC {g['chars_per_s']:,.0f} vs HTTP "
+                                    f"{r['chars_per_s']:,.0f} chars/s; {where(r)}{cpu_use(r)}"))
     for key in THRESHOLDS:
         if not any(t["target"] == key for t in out):
             why = "; ".join(sorted({s["reason"].rstrip(".") for s in skipped if key == "gpu_3x" and s.get("backend") in
@@ -461,7 +474,7 @@ def markdown(rep: dict) -> str:
                              f"{_x(best[1])} ({best[0]})" if best and best[1] else "-"])
         out.append(_table(["model", "decoding", "window", "p50 us/char", "p99 us/char", "s / 1000 chars",
                            "carried (eager) is faster by", "fastest batch-1 step is faster by"], rows))
-    grpc = by("grpc")
+    grpc = sorted(by("grpc") + by("http"), key=_order)
     if grpc:
         out.append("\n## gRPC end to end (`python -m serve` + `clients.loadgen`)\n")
         g = grpc[0]["details"]
@@ -480,13 +493,16 @@ def markdown(rep: dict) -> str:
                    "generator. Rows marked gRPC floor: the same requests to the service with no model behind it "
                    "(`python -m serve.bench.floor`, canned text), where the server ran: what Python gRPC and this "
                    "load generator allow on this machine; of floor: a server row's chars/s over the floor's at the "
-                   "same concurrency and chars/msg.\n")
+                   "same concurrency and chars/msg. Rows marked HTTP: the same server's HTTP port, the same requests "
+                   "over /v1/completions streamed as server-sent events (`clients.loadgen --http`; always "
+                   "coalesced).\n")
         floor = {(f["concurrency"], msg_label(f)): f for f in rep["grpc_floor"]}
         of_floor = lambda r: _pct(r["chars_per_s"], floor.get((r["concurrency"], msg_label(r))))  # noqa: E731
         out.append(_table(["model", "backend", "concurrency", "chars/msg", "TTFC p50 ms", "TTFC p99 ms",
                            "inter-char p50 ms", "inter-char p99 ms", "mean ms/char", "chars/s", "vs eager",
                            "of floor", "CPU cores", "errors"],
-                          [[r["model"], _label(r), r["concurrency"], _msg_label_measured(r),
+                          [[r["model"], _label(r) + " HTTP" * (r["mode"] == "http"), r["concurrency"],
+                            _msg_label_measured(r),
                             _us(r["details"]["ttfc_ms"]["p50"]),
                             _us(r["details"]["ttfc_ms"]["p99"]), _ms(r["p50_us"]), _ms(r["p99_us"]), _ms(r["mean_us"]),
                             _n(r["chars_per_s"]), _x(r["speedup_vs_eager"]), of_floor(r), cpu_use(r, short=True),
@@ -626,14 +642,15 @@ def plots(rep: dict, out: Path) -> list[Path]:
                    [vals[mod] for mod in mods if mod in vals], width, label=kind)
         save_bars(fig, ax, mods, width, "seconds per 1000 characters (p50)",
                   "Carried state vs the seed's re-feeding (greedy, batch 1)", "decoding.png")
-    grpc = [r for r in recs if r["mode"] == "grpc"]
+    grpc = [r for r in recs if r["mode"] in ("grpc", "http")]
     if grpc:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
         sizes = list(dict.fromkeys(msg_label(r) for r in sorted(grpc, key=_order)))
         styles = ("-", "--", ":", "-.")  # colour: model and backend; line style: characters per message
-        for i, key in enumerate(dict.fromkeys((r["model"], _label(r)) for r in grpc)):
+        labelled = lambda r: (r["model"], _label(r) + " HTTP" * (r["mode"] == "http"))  # noqa: E731
+        for i, key in enumerate(dict.fromkeys(labelled(r) for r in grpc)):
             for k in sizes:
-                rs = [r for r in grpc if (r["model"], _label(r)) == key and msg_label(r) == k]
+                rs = [r for r in grpc if labelled(r) == key and msg_label(r) == k]
                 if not rs:
                     continue
                 style = {"color": f"C{i % 10}", "ls": styles[sizes.index(k) % len(styles)], "marker": "o"}

@@ -127,10 +127,22 @@ def _grpc_details(result: dict, server: ServerProcess) -> dict:
 
 
 def _grpc_record(m: BenchModel, backend: str, precision: str, result: dict, threads: int,
-                 server: ServerProcess) -> dict:
-    return report.record(m, backend, "grpc", precision=precision, concurrency=result["concurrency"],
+                 server: ServerProcess, mode: str = "grpc") -> dict:
+    return report.record(m, backend, mode, precision=precision, concurrency=result["concurrency"],
                          chunk_chars=result["chunk_chars"], threads=threads, samples=result["chars"],
                          us=_grpc_us(result), chars_per_s=result["chars_per_s"], **_grpc_details(result, server))
+
+
+def _points(cfg: BenchConfig) -> list[tuple[str, int, int, bool]]:
+    """(mode, concurrency, chunk_chars, coalesce) of grpc and http modes, message sizes side by side at each
+    concurrency; http only coalesced (its streams always are), each beside gRPC's point with the same settings."""
+    out = []
+    for c in cfg.concurrency:
+        if "grpc" in cfg.modes:
+            out += [("grpc", c, k, False) for k in cfg.chunk_chars]
+        for k in cfg.coalesce:
+            out += [(mode, c, k, True) for mode in ("grpc", "http") if mode in cfg.modes]
+    return out
 
 
 def _measure_floor(cfg: BenchConfig, tmp: Path, skipped: list, progress: Progress) -> list[dict]:
@@ -190,13 +202,13 @@ def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
                 else:
                     pairs.append((b, p))
         serving = []
-        if "grpc" in cfg.modes:
+        for mode in (m for m in ("grpc", "http") if m in cfg.modes):
             for b, p in pairs:
-                if BACKENDS[b].server:
+                if not BACKENDS[b].server:
+                    _skip(skipped, f"{mode} on {b}", "python -m serve has no such backend", backend=b, precision=p,
+                          mode=mode)
+                elif (b, p) not in serving:
                     serving.append((b, p))
-                else:
-                    _skip(skipped, f"grpc on {b}", "python -m serve has no such backend", backend=b, precision=p,
-                          mode="grpc")
         exports = Exports(tmp / "exports", cfg.parity, max(cfg.batches))
         limits = {}
         if "limit" in cfg.modes:
@@ -208,12 +220,12 @@ def run(cfg: BenchConfig, command: str = "python -m serve.bench") -> list[Path]:
                                                                        t, cfg.quick)
             torch.set_num_threads(primary)
         per_model = (len(cfg.batches) if "step" in cfg.modes else 0) + ("refeed" in cfg.modes) \
-            + len(serving) * len(cfg.concurrency) * (len(cfg.chunk_chars) + len(cfg.coalesce))
-        floor_points = len(cfg.concurrency) * len(cfg.chunk_chars) if serving else 0
+            + len(serving) * len(_points(cfg))
+        floor_points = len(cfg.concurrency) * len(cfg.chunk_chars) if serving and "grpc" in cfg.modes else 0
         progress = Progress(len(models) * per_model + floor_points)
         floor = []
         try:
-            if serving:
+            if floor_points:
                 floor = _measure_floor(cfg, tmp, skipped, progress)
             for m in models:
                 _measure_model(cfg, m, pairs, serving, exports, tmp, records, skipped, progress)
@@ -266,7 +278,7 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
                 time.sleep(0.1 if t > 1 else 0)  # let spinning workers settle before the next group
             progress.advance(f"{m.model_id}: step, batch {batch}")
         torch.set_num_threads(primary)
-    if "grpc" in cfg.modes:  # the server's streams in-process: what gRPC is compared with
+    if serving:  # the server's streams in-process: what gRPC (and HTTP) is compared with
         for sub in (s for s in subjects if s.threads == primary and (s.name, s.precision) in serving):
             sub.activate()
             for c in cfg.concurrency:
@@ -283,10 +295,9 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
         carried, refeed = time_decoding(m.path, windows, cfg.refeed_chars, BLOCK_CHARS)
         records.extend(_decoding_records(m, carried, refeed, cfg.refeed_chars, primary))
         progress.advance(f"{m.model_id}: carried vs re-feeding {', '.join(map(str, windows))}")
-    points = [(c, k, co) for c in cfg.concurrency  # message sizes side by side at each c
-              for k, co in [(k, False) for k in cfg.chunk_chars] + [(k, True) for k in cfg.coalesce]]
+    points = _points(cfg)
     for b, p in serving:
-        what = f"grpc on {b} ({p})"
+        what = f"{'/'.join(m for m in ('grpc', 'http') if m in cfg.modes)} on {b} ({p})"
         if (b, p) in failed:
             _skip(skipped, what, "the backend did not open for this model (above)", b, p, m.model_id, "grpc")
             progress.advance(what, len(points))
@@ -294,16 +305,17 @@ def _measure_model(cfg: BenchConfig, m: BenchModel, pairs: list, serving: list, 
         done = 0
         try:
             server = ServerProcess(_server_models(b, m, p, exports), *BACKENDS[b].server, threads=primary,
-                                   log_dir=tmp, cpus=cfg.server_cpus)
+                                   log_dir=tmp, cpus=cfg.server_cpus, http="http" in cfg.modes)
             with server:
-                for c, k, co in points:
+                for mode, c, k, co in points:
                     msgs = f"{report.chars_per_msg(k, co)} chars/msg"
-                    progress.note(f"{m.model_id}: grpc {b}, concurrency {c}, {msgs}")
+                    progress.note(f"{m.model_id}: {mode} {b}, concurrency {c}, {msgs}")
                     requests = max(report.MIN_GRPC_REQUESTS, c * cfg.grpc_requests)
-                    result = drive(server, c, requests, cfg.grpc_chars, k, co, cpus=cfg.client_cpus, work_dir=tmp)
-                    records.append(_grpc_record(m, b, p, result, primary, server))
+                    result = drive(server, c, requests, cfg.grpc_chars, k, co, cpus=cfg.client_cpus, work_dir=tmp,
+                                   http=mode == "http")
+                    records.append(_grpc_record(m, b, p, result, primary, server, mode))
                     done += 1
-                    progress.advance(f"{m.model_id}: {what}, concurrency {c}, {msgs}")
+                    progress.advance(f"{m.model_id}: {mode} on {b} ({p}), concurrency {c}, {msgs}")
         except ServerFailed as e:
             _skip(skipped, what, str(e), b, p, m.model_id, "grpc")
         except Exception as e:

@@ -31,23 +31,21 @@ def publish_if_parity(ckpt: Checkpoint, candidate: Path, path: Path, runtime, sp
     from export.parity import ParityError, check_parity, summary
     from export.runtime import TorchRuntime
 
-    report = check_parity(TorchRuntime(ckpt.path), runtime, spec)
-    log.info("%s: %s", ckpt.model_id, summary(report))
-    if not report["passed"]:
-        raise ParityError(f"{ckpt.model_id}: {summary(report)}; {path.name} was not written")
-    publish(candidate)
-    os.replace(candidate, path)
-    return report
+    return _publish_if(ckpt, candidate, path, check_parity(TorchRuntime(ckpt.path), runtime, spec), summary,
+                       ParityError)
 
 
 def publish_if_quality(ckpt: Checkpoint, candidate: Path, path: Path, runtime, data=None) -> dict:
     """publish_if_parity for approximate exports (int8): accepted by held-out loss (export.quality)."""
     from export.quality import QualityError, check_quality, summary
 
-    report = check_quality(ckpt, runtime, data)
+    return _publish_if(ckpt, candidate, path, check_quality(ckpt, runtime, data), summary, QualityError)
+
+
+def _publish_if(ckpt: Checkpoint, candidate: Path, path: Path, report: dict, summary, error) -> dict:
     log.info("%s: %s", ckpt.model_id, summary(report))
     if not report["passed"]:
-        raise QualityError(f"{ckpt.model_id}: {summary(report)}; {path.name} was not written")
+        raise error(f"{ckpt.model_id}: {summary(report)}; {path.name} was not written")
     publish(candidate)
     os.replace(candidate, path)
     return report
@@ -55,7 +53,7 @@ def publish_if_quality(ckpt: Checkpoint, candidate: Path, path: Path, runtime, d
 
 def publish(path: Path, data: bytes | str | None = None) -> None:
     """Write atomically (when data is given) and make the file world-readable like any shared artifact:
-    the temp files behind atomic writes are private (0600), but Triton or a server may run as another user."""
+    a candidate written by another library may be private, and Triton or a server may run as another user."""
     if data is not None:
         atomic_write(path, data)
     umask = os.umask(0)

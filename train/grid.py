@@ -94,11 +94,13 @@ def result_row(config: dict) -> dict:
     }
 
 
-def finished(ckpt: Path) -> bool:
+def finished(ckpt: Path) -> dict | None:
+    """The config.json of a finished model; None while it is absent, unfinished or unreadable."""
     try:
-        return bool(read_config(ckpt).get("done"))
+        config = read_config(ckpt)
     except CheckpointError:
-        return False
+        return None
+    return config if config.get("done") else None
 
 
 STOPPED = {"epochs": "all epochs run", "steps": "step budget spent", "time": "--max-minutes reached",
@@ -115,14 +117,7 @@ def summary(config: dict) -> str:
 
 def write_results(out: Path, rows: list[dict]) -> int:
     """Rebuild results.csv (atomically) from every finished model of the preset, in grid order."""
-    found = []
-    for r in rows:
-        try:
-            config = read_config(out / grid_id(r))
-        except CheckpointError:
-            continue
-        if config.get("done"):
-            found.append(result_row(config))
+    found = [result_row(config) for r in rows if (config := finished(out / grid_id(r)))]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, RESULT_COLUMNS)
     writer.writeheader()
@@ -254,7 +249,7 @@ def main(argv=None) -> int:
         overrides["threads"] = 1 if args.backend == "ray" else max(1, (os.cpu_count() or 1) // args.workers)
     jobs = [Job(grid_id(r), r["corpus"], paths[r["corpus"]], r["cell"], r["seq_len"], r["hidden_size"],
                 r["fc_layers"], train_config(preset, r["corpus"], overrides), str(out)) for r in rows]
-    todo = [j for j in jobs if not finished(out / j.model_id)]
+    todo = [j for j in jobs if finished(out / j.model_id) is None]
     if len(todo) < len(jobs):
         log.info("%d of %d models already done in %s, skipped (another --out trains them afresh)",
                  len(jobs) - len(todo), len(jobs), out)
@@ -271,11 +266,11 @@ def main(argv=None) -> int:
                 else:
                     log.info("%s", summary(result))
                 bar.update()
-                write_results(out, preset["rows"])
-    write_results(out, preset["rows"])
-    if todo:
+                write_results(out, preset["rows"])  # after each model, so a crash keeps the rows so far
         log.info("%d trained in %.0f s%s", len(todo) - len(failed), time.perf_counter() - t0,
                  f", {len(failed)} failed" if failed else "")
+    else:
+        write_results(out, preset["rows"])
     log.info("results in %s", out / "results.csv")
     if failed:
         log.error("failed: %s", ", ".join(failed))

@@ -31,19 +31,14 @@ MAX_LOGPROBS = 5  # OpenAI's cap on a completion's logprobs
 
 
 def _merge(items: list) -> Chunk:
-    """Queued messages of a stream (str, or Chunk when they carry logprobs) as one: texts and logprobs joined,
-    the finish and stats of the last."""
-    if len(items) == 1 and type(items[0]) is Chunk:
-        return items[0]
-    texts, logprobs = [], []
-    for item in items:
-        if type(item) is str:
-            texts.append(item)
-        else:
-            texts.append(item.text)
-            logprobs.extend(item.logprobs or ())
+    """A stream's queued messages (str, or Chunk when they carry logprobs or end it) as one Chunk: texts and
+    logprobs joined, the finish and stats of the last."""
+    if len(items) == 1:
+        return items[0] if type(items[0]) is Chunk else Chunk(items[0])
+    logprobs = tuple(lp for i in items if type(i) is Chunk for lp in i.logprobs or ())
     last = items[-1] if type(items[-1]) is Chunk else Chunk("")
-    return Chunk("".join(texts), last.finish_reason, last.stats, tuple(logprobs) if logprobs else None)
+    return Chunk("".join([i if type(i) is str else i.text for i in items]), last.finish_reason, last.stats,
+                 logprobs or None)
 
 
 def shown(text: str, limit: int = 64) -> str:
@@ -96,10 +91,6 @@ class Engine:
         self.draining = False  # set: new requests are refused (UNAVAILABLE); those in flight carry on
         self.idle, self._ids, self._sweeper = asyncio.Event(), itertools.count(), None  # idle: no request in flight
         self.idle.set()
-
-    @property
-    def in_flight(self) -> int:
-        return len(self.streams)
 
     async def start(self, health: Callable[[list[str], bool], None]) -> None:
         """Attach to the workers on the running loop. health(models, serving): a worker died or is back."""
@@ -161,7 +152,6 @@ class Engine:
         try:
             link.send(Submit(s.id, req.model, req, prompt, self.cfg.max_unsent, arrived, link.take_lost(req.session_id)))
             every = max(1, self.cfg.max_unsent // 4)
-            scored = req.logprobs is not None  # its messages are Chunks (text and logprobs), not str
             while True:
                 items = await s.take(req.coalesce)
                 last = items[-1]
@@ -171,10 +161,10 @@ class Engine:
                     raise last
                 if type(last) is Chunk and last.stats is not None:
                     self._close(s, req.model)  # its slot is free: the client may send its next request at once
-                    yield last if len(items) == 1 else _merge(items)
+                    yield _merge(items)
                     return
                 s.writing_since = time.monotonic()
-                yield _merge(items) if scored else Chunk(items[0] if len(items) == 1 else "".join(items))
+                yield _merge(items)
                 s.writing_since = None
                 s.granted += len(items)
                 if s.granted >= every:

@@ -107,8 +107,9 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 except DecodeError:  # a corrupt body, or a string field that is not UTF-8
                     raise InvalidArgument(f"the {method} request is not a valid protobuf message") from None
                 return await behaviour(request, context)
-            except asyncio.CancelledError:
-                code = _cancel_code(context)
+            except asyncio.CancelledError:  # a client's deadline timer can cancel it (RST_STREAM) just before ours
+                left = context.time_remaining()
+                code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0.1 else grpc.StatusCode.CANCELLED
                 raise
             except Exception as e:
                 code, internal = status_code(e), f"internal error: {type(e).__name__}: {e}"
@@ -148,12 +149,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return getattr(grpc, f"{kind}_rpc_method_handler")(deny)
 
 
-def _cancel_code(context) -> grpc.StatusCode:
-    """A client's own deadline timer can cancel the call (RST_STREAM) a moment before the server's runs out."""
-    remaining = context.time_remaining()
-    return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0.1 else grpc.StatusCode.CANCELLED
-
-
 class StartError(Exception):
     """The server cannot start (a port is taken, say)."""
 
@@ -182,7 +177,7 @@ class Server:
         self.http = HttpFront(cfg, self.engine, self.metrics, self._http_health)
         self.port = self.http_port = self.metrics_port = None
         self._grpc: grpc.aio.Server | None = None
-        self._hurry = asyncio.Event()
+        self.hurry = asyncio.Event()  # set: cut a drain's grace period short
         self._tasks: set[asyncio.Task] = set()
         self._down: set[str] = set()  # models that cannot serve now
 
@@ -224,13 +219,13 @@ class Server:
         t0 = time.monotonic()
         await self.health.enter_graceful_shutdown()
         self.engine.draining = True
-        log.info("draining: %d request(s) in flight, %.1f s grace", self.engine.in_flight, grace_s)
-        waits = [asyncio.ensure_future(self.engine.idle.wait()), asyncio.ensure_future(self._hurry.wait())]
+        log.info("draining: %d request(s) in flight, %.1f s grace", len(self.engine.streams), grace_s)
+        waits = [asyncio.ensure_future(self.engine.idle.wait()), asyncio.ensure_future(self.hurry.wait())]
         await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
             w.cancel()
-        if self.engine.in_flight:
-            log.warning("cancelling %d request(s) still in flight", self.engine.in_flight)
+        if len(self.engine.streams):
+            log.warning("cancelling %d request(s) still in flight", len(self.engine.streams))
         await self._grpc.stop(0)
         await self.http.stop()
         await self.engine.stop()
@@ -254,10 +249,6 @@ class Server:
             return False, "draining"
         return (False, "not serving: " + ", ".join(sorted(self._down))) if self._down else (True, "serving")
 
-    def hurry(self) -> None:
-        """Cut a drain's grace period short."""
-        self._hurry.set()
-
 
 async def run(cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None) -> None:
     """Serve until SIGTERM or SIGINT, then drain; a second signal cuts the grace period short."""
@@ -265,7 +256,7 @@ async def run(cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None) -> 
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: server.hurry() if signalled.is_set() else signalled.set())
+        loop.add_signal_handler(sig, lambda: server.hurry.set() if signalled.is_set() else signalled.set())
     await signalled.wait()
     await server.drain_and_stop()
 

@@ -550,7 +550,7 @@ def test_capacity_and_cancelled_stream_frees_its_slot(small):
     assert active_streams(small) == 1
     assert code_of(lambda: run(stub, **GOOD)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     call.cancel()
-    assert wait_until(lambda: active_streams(small) == 0 and small.server.engine.in_flight == 0)
+    assert wait_until(lambda: active_streams(small) == 0 and not small.server.engine.streams)
     assert small.server.engine.streams == {}  # nothing left behind
     assert run(stub, **GOOD)[2].finish_reason == pb.FINISH_REASON_LENGTH
     # a cancelled stream does not advance (or create) its session
@@ -592,7 +592,7 @@ def test_deadline_is_honoured(small):
     with pytest.raises(grpc.RpcError) as e:
         list(stub.Generate(api.generate_request(model_name("rnn"), "the ", BIG), timeout=0.3))
     assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and time.monotonic() - t0 < 5
-    assert wait_until(lambda: active_streams(small) == 0 and small.server.engine.in_flight == 0)
+    assert wait_until(lambda: active_streams(small) == 0 and not small.server.engine.streams)
     # counted as what it was, not as OK (as when a cancel landed in grpc's own send, outside the handler)
     assert wait_until(lambda: metric(small, counted % "DEADLINE_EXCEEDED") == before["DEADLINE_EXCEEDED"] + 1), \
         urllib.request.urlopen(f"http://127.0.0.1:{small.server.metrics_port}/metrics", timeout=5).read().decode()
@@ -786,7 +786,7 @@ def test_a_client_that_stops_reading_loses_its_stream_after_the_stall_timeout(mo
         stub = api.stub(bg.target)
         assert code_of(lambda: run(stub, **GOOD)) == grpc.StatusCode.RESOURCE_EXHAUSTED  # it holds the one slot
         t0 = time.monotonic()
-        assert wait_until(lambda: bg.server.engine.in_flight == 0, timeout=20)
+        assert wait_until(lambda: not bg.server.engine.streams, timeout=20)
         assert time.monotonic() - t0 > 0.5  # not at once: after the timeout
         assert run(stub, **GOOD)[0] == reference(eager, GOOD["model"], GOOD["prompt"], GOOD["max_chars"])
         assert metric(bg, "charrnn_stalled_streams_total") == 1

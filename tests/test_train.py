@@ -431,3 +431,17 @@ def test_bench_reference_loop_and_our_side_train_the_same_model(tmp_path):
     r = ours(job)
     assert r["steps"] == 100 and r["val_loss"] < math.log(9)
     assert r["final_lr"] == pytest.approx(TrainConfig().resolved("gru", 16).lr * 0.1)  # ended annealed
+
+
+def test_bench_budget_reports_every_side_of_every_model(tmp_path, capsys):
+    from train import bench
+
+    path, out = _small_corpus(tmp_path), tmp_path / "budget"
+    bench.main(["--data", str(path), "budget", "--chars", "4000", "--sides", "ours,plain", "--out", str(out),
+                "--model", "gru-h128-fc1-s20", "--model", "lstm-h128-fc1-s20"])
+    (report,) = out.glob("budget-*.json")  # written after each model: a long run that is cut short keeps its rows
+    rows = json.loads(report.read_text())
+    assert [(r["model"], r["side"]) for r in rows] == [(m, s) for m in ("gru-h128-fc1-s20", "lstm-h128-fc1-s20")
+                                                        for s in ("ours", "plain")]
+    assert all(r["chars"] == 4000 and r["val_loss"] < math.log(9) for r in rows)  # 9 characters: below uniform
+    assert capsys.readouterr().out.count("| gru-h128-fc1-s20 |") == 2

@@ -157,6 +157,8 @@ def budget(args) -> None:
     print(f"held-out validation loss (nats/char, stream protocol) after {budget}; sides run "
           f"{when}, one process each, {args.threads} thread(s) each, on {mp.cpu_count()} CPUs")
     print("| model | side | val loss | chars/s | steps | epochs | settings |\n|---|---|---|---|---|---|---|")
+    args.out.mkdir(parents=True, exist_ok=True)
+    report = args.out / f"budget-{time.strftime('%Y-%m-%dT%H:%M:%S')}.json"
     for model in args.model:
         cell, hidden, fc, seq_len = _parse_id(model)
         sides = {}
@@ -180,9 +182,7 @@ def budget(args) -> None:
                             "chars": args.chars, "threads": args.threads, **r})
             print(f"| {model} | {name} | {r['val_loss']:.3f} | {r['chars_per_s']:,.0f} | {r['steps']} | "
                   f"{r['epochs']:.2f} | {r['settings']} |", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
-    (args.out / f"budget-{stamp}.json").write_text(json.dumps(results, indent=1) + "\n")
+        report.write_text(json.dumps(results, indent=1) + "\n")  # after every model: a long run keeps what it did
 
 
 # --- sweep: learning rate x streams per step at a short budget -------------------------------------

@@ -150,20 +150,20 @@ class Batch:
         at = self.at
         if at < self.next_due and not stops:
             return []
-        due = (c["due"] <= at).nonzero()[0]  # (flatnonzero: twice the cost at one row; so are lists as indices)
+        due = c["due"] <= at  # (a mask: at one row, indexing by it or by a list costs twice as much)
         ended = set((c["end"] <= at).nonzero()[0].tolist()) if at >= self.next_end else set()
         if stops or ended:
-            due = np.union1d(due, [*stops, *ended])
-        out, start = [], c["due"] - c["chunk"]
-        for i in due.tolist():
+            due[[*stops, *ended]] = True
+        out, start = [], (c["due"] - c["chunk"]).tolist()
+        for i in due.nonzero()[0].tolist():
             text = "".join([chars[t] for t in self.hist[start[i]:at, i].tolist()])
             if i in ended or i in stops:
                 reason = FinishReason.STOP if i in stops else FinishReason.LENGTH
                 out.append((i, text, reason, self._stats(i, now, stops.get(i, ""))))
             else:
                 out.append((i, text, None, None))
-        c["due"][due] += c["chunk"][due]  # rows that end leave the batch
-        c["credit"][due] -= 1
+        c["due"] += c["chunk"] * due  # rows that end leave the batch
+        c["credit"] -= due
         self.next_due = min(int(c["due"].min()), self.next_end)
         return out
 

@@ -109,7 +109,7 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
                 return await behaviour(request, context)
             except asyncio.CancelledError:  # a client's deadline timer can cancel it (RST_STREAM) just before ours
                 left = context.time_remaining()
-                code = grpc.StatusCode.DEADLINE_EXCEEDED if left is not None and left <= 0.1 else grpc.StatusCode.CANCELLED
+                code = grpc.StatusCode.CANCELLED if left is None or left > 0.1 else grpc.StatusCode.DEADLINE_EXCEEDED
                 raise
             except Exception as e:
                 code, internal = status_code(e), f"internal error: {type(e).__name__}: {e}"
@@ -224,7 +224,7 @@ class Server:
         await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
         for w in waits:
             w.cancel()
-        if len(self.engine.streams):
+        if self.engine.streams:
             log.warning("cancelling %d request(s) still in flight", len(self.engine.streams))
         await self._grpc.stop(0)
         await self.http.stop()

@@ -250,18 +250,30 @@ def test_epoch_bounded_run_ends_at_the_floor_and_resumes_on_the_same_curve(tmp_p
     job = Job("m", "tinyshakespeare", str(path), "gru", 10, 16, 1, cfg, str(tmp_path / "run"))
     tr = Trainer(job, quiet=True)
     tr.dir.mkdir(parents=True)
-    tr.cfg.patience, stop = 1, tr._after_eval  # patience bounds the run, it is not part of its identity
-    tr._after_eval = lambda m: (stop(m), tr.evals == 3 and setattr(tr, "bad_evals", 10**6))
+    tr._stopped = lambda: tr.evals == 3  # as a kill after the checkpoint would
     tr.fit()
     assert tr.evals == 3
     again = Trainer(job, quiet=True)
     assert again.try_resume() and again.horizon == tr.horizon == Horizon(3 * tr.steps_per_epoch(), tr.horizon.warmup)
-    again.bad_evals = 0
     again.fit()
     again.finish()
     assert _lrs(tmp_path / "run", "m") == ref
     assert (tmp_path / "run" / "m" / "model.safetensors").read_bytes() == \
         (tmp_path / "ref" / "m" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("schedule", ["none", "cosine"])
+def test_patience_stops_a_constant_rate_run_but_a_decay_runs_its_budget_out(tmp_path, schedule):
+    path = _small_corpus(tmp_path)
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-2, schedule=schedule, evals_per_epoch=4, patience=1)
+    tr = Trainer(Job("m", "tinyshakespeare", str(path), "gru", 10, 16, 1, cfg, str(tmp_path)), quiet=True)
+    tr.dir.mkdir(parents=True)
+    tr._select_loss = lambda m: 1.0  # the held-out loss never improves after the first evaluation
+    tr.fit()
+    if schedule == "none":
+        assert tr.evals == 2 and tr._stop_reason() == "patience"
+    else:  # stopped at a high rate it would end worse than a shorter budget: it anneals to the end instead
+        assert tr.step == 2 * tr.steps_per_epoch() and tr.opt.param_groups[0]["lr"] == pytest.approx(1e-2 * cfg.lr_floor)
 
 
 def test_time_bounded_run_ends_annealed_and_saves_its_horizon(tmp_path):

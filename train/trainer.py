@@ -65,7 +65,7 @@ class TrainConfig:
     epochs: int = opt(20, "maximum passes over the training text")
     max_steps: int = opt(0, "stop after this many optimisation steps: a budget of work, the same model on any machine; 0 = no limit")
     max_minutes: float = opt(0.0, "stop training a model after this many minutes of wall time (machine-dependent); 0 = no limit")
-    patience: int = opt(3, "early stopping: evaluations without a better validation loss; 0 = off")
+    patience: int = opt(3, "early stopping: evaluations without a better validation loss; 0 = off. Only with --schedule none or plateau: a cosine or linear decay runs its whole budget (the best weights are kept)")
     evals_per_epoch: int = opt(1, "held-out evaluations per epoch (more for big corpora, small budgets)")
     checkpoint_every: int = opt(1, "write a resumable checkpoint every N evaluations")
     eval_windows: int = opt(4096, "held-out windows scored by the window protocol")
@@ -433,8 +433,10 @@ class Trainer:
         bar.total = bar.n  # stopped early (patience, time): the bar ends full, the summary says why
 
     def _stopped(self) -> bool:
-        cfg = self.cfg
-        return self._out_of_time() or self._out_of_steps() or bool(cfg.patience and self.bad_evals >= cfg.patience)
+        # patience stops a run at a constant or plateau-driven rate; a decay to the budget's end runs the budget
+        # out (stopped at a high rate, it would end worse the longer its budget: docs/training.md)
+        patience = self.cfg.patience if self.horizon is None else 0
+        return self._out_of_time() or self._out_of_steps() or bool(patience and self.bad_evals >= patience)
 
     def _stop_reason(self) -> str:
         if self._out_of_time():

@@ -47,27 +47,28 @@ class Prefilled:
     credit: int  # messages it may send before its client takes some
 
 
-# the per-row columns, steps counted as places in `hist` (`at` is the next): due: when its chunk is full (its
-# unsent characters are from due - chunk on); end: when it reaches max_chars. last: its last character's time
-# (until the batch's first step); credit: messages it may still send (see serve.engine).
-COLS = {"temperature": np.float64, "top_k": np.int64, "top_p": np.float64, "max_chars": np.int64, "chunk": np.int64,
-        "due": np.int64, "end": np.int64, "last": np.float64, "next": np.int64, "credit": np.int64}
+# The per-row columns (Python lists: a step touches only the rows that send a message). Steps are places in
+# `hist` (`at` is the next). sent: where the row's unsent characters start; due: when it sends its next message
+# (its chunk is full, or it reaches max_chars at `end`); credit: messages it may still send (see serve.engine);
+# last: its last character's time (until the batch's first step).
+SHIFTED = ("sent", "due", "end")
 
 
 class Batch:
-    def __init__(self, rows: list[Row], cols: dict[str, np.ndarray], hist: np.ndarray, rngs: list[Uniforms], state,
-                 chars: str):
-        self.rows, self.cols, self.rngs, self.state, self.chars = rows, cols, rngs, state, chars
-        self.width = int(cols["chunk"].max())
+    def __init__(self, rows: list[Row], tokens: np.ndarray, hist: np.ndarray, cols: dict[str, list], rngs: list[Uniforms],
+                 state, chars: str):
+        self.rows, self.tokens, self.cols, self.rngs, self.state, self.chars = rows, tokens, cols, rngs, state, chars
+        reqs = [r.req for r in rows]
+        self.width = max(r.chunk_chars for r in reqs)
         self.hist = np.pad(hist, ((0, ROOM), (0, 0)))  # (width + ROOM, B); `width` steps so far
         self.at, self.last = self.width, None  # last: the time of the last step, once there has been one
         self.ids = [r.id for r in rows]
-        self.sampler = BatchSampler(cols["temperature"], cols["top_k"], cols["top_p"], rngs, len(chars))
-        self.watch = [i for i, r in enumerate(rows) if r.req.stop]  # rows that match stop sequences
-        self.scored = [i for i, r in enumerate(rows) if r.req.logprobs is not None]  # rows that report logprobs
-        self.fresh = np.flatnonzero(cols["end"] - self.at == cols["max_chars"]).tolist()  # none sampled yet
-        self.next_end = int(cols["end"].min())
-        self.next_due = min(int(cols["due"].min()), self.next_end)  # the next step that sends a message
+        self.sampler = BatchSampler([r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs],
+                                    rngs, len(chars))
+        self.watch = [i for i, r in enumerate(reqs) if r.stop]  # rows that match stop sequences
+        self.scored = [i for i, r in enumerate(reqs) if r.logprobs is not None]  # rows that report logprobs
+        self.fresh = [i for i, (e, r) in enumerate(zip(cols["end"], reqs)) if e - self.at == r.max_chars]  # none sampled
+        self.next_due = min(cols["due"])  # the next step that sends a message
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -75,22 +76,20 @@ class Batch:
     @classmethod
     def from_requests(cls, ready: list[Prefilled], runtime) -> "Batch":
         reqs = [p.row.req for p in ready]
-        cols = {"temperature": [r.temperature for r in reqs], "top_k": [r.top_k for r in reqs],
-                "top_p": [r.top_p for r in reqs], "max_chars": [r.max_chars for r in reqs],
-                "chunk": [r.chunk_chars for r in reqs], "next": [p.tokens[-1] for p in ready],
-                "credit": [p.credit for p in ready]}
-        cols = {k: np.array(cols.get(k, [0] * len(ready)), t) for k, t in COLS.items()}
-        at = int(cols["chunk"].max())
-        cols["due"], cols["end"] = at + cols["chunk"], at + cols["max_chars"]
-        return cls([p.row for p in ready], cols, np.zeros((at, len(ready)), np.int64),
-                   [Uniforms(r.seed) for r in reqs], runtime.concat([p.state for p in ready]), runtime.vocab.chars)
+        at = max(r.chunk_chars for r in reqs)
+        cols = {"sent": [at] * len(reqs), "due": [at + min(r.chunk_chars, r.max_chars) for r in reqs],
+                "end": [at + r.max_chars for r in reqs], "credit": [p.credit for p in ready], "last": [0.0] * len(reqs)}
+        return cls([p.row for p in ready], np.array([p.tokens[-1] for p in ready], np.int64),
+                   np.zeros((at, len(ready)), np.int64), cols, [Uniforms(r.seed) for r in reqs],
+                   runtime.concat([p.state for p in ready]), runtime.vocab.chars)
 
-    def _now(self, width: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    def _now(self, width: int) -> tuple[dict[str, list], np.ndarray]:
         """The columns and the last `width` steps of hist, as a new batch starts them (at = width)."""
         cols, shift = dict(self.cols), width - self.at
-        cols["due"], cols["end"] = cols["due"] + shift, cols["end"] + shift
+        for k in SHIFTED:
+            cols[k] = [x + shift for x in cols[k]]
         if self.last is not None:
-            cols["last"] = np.full(len(self.rows), self.last)
+            cols["last"] = [self.last] * len(self.rows)
         return cols, np.pad(self.hist[max(0, -shift):self.at], ((max(0, shift), 0), (0, 0)))
 
     def filter(self, keep: list[int], runtime) -> "Batch | None":
@@ -99,9 +98,10 @@ class Batch:
             return None
         if len(keep) == len(self.rows):
             return self
-        cols, hist = self._now(int(self.cols["chunk"][keep].max()))
-        return Batch([self.rows[i] for i in keep], {k: v[keep] for k, v in cols.items()}, hist[:, keep],
-                     [self.rngs[i] for i in keep], runtime.take(self.state, keep), self.chars)
+        cols, hist = self._now(max(self.rows[i].req.chunk_chars for i in keep))
+        return Batch([self.rows[i] for i in keep], self.tokens[keep], hist[:, keep],
+                     {k: [v[i] for i in keep] for k, v in cols.items()}, [self.rngs[i] for i in keep],
+                     runtime.take(self.state, keep), self.chars)
 
     @staticmethod
     def concatenate(batches: list["Batch | None"], runtime) -> "Batch | None":
@@ -110,25 +110,25 @@ class Batch:
             return batches[0] if batches else None
         width = max(b.width for b in batches)
         now = [b._now(width) for b in batches]
-        return Batch([r for b in batches for r in b.rows], {k: np.concatenate([c[k] for c, _ in now]) for k in COLS},
-                     np.concatenate([h for _, h in now], axis=1), [g for b in batches for g in b.rngs],
-                     runtime.concat([b.state for b in batches]), batches[0].chars)
+        return Batch([r for b in batches for r in b.rows], np.concatenate([b.tokens for b in batches]),
+                     np.concatenate([h for _, h in now], axis=1), {k: [x for c, _ in now for x in c[k]] for k in now[0][0]},
+                     [g for b in batches for g in b.rngs], runtime.concat([b.state for b in batches]), batches[0].chars)
 
     def step(self, runtime, now_fn, metrics=None) -> list[tuple[int, str, FinishReason | None, GenerateStats | None]]:
         """Feed every row its next token, sample its next character; (row, text, finish, stats) for each row
         that sends a message this step: its chunk is full, or it has ended (then with finish and stats)."""
-        c, chars, rows, fresh = self.cols, self.chars, self.rows, self.fresh
-        logits, self.state = runtime.step(c["next"][:, None], self.state)  # (B, V)
+        rows, chars, fresh = self.rows, self.chars, self.fresh
+        logits, self.state = runtime.step(self.tokens[:, None], self.state)  # (B, V)
         now = now_fn()
-        tokens = c["next"] = self.sampler(logits)  # (B,)
+        tokens = self.tokens = self.sampler(logits)  # (B,)
         if self.scored:
             self._score(logits, tokens)
         if self.at == len(self.hist):  # full: keep its last `width` steps (no row has more unsent)
             shift = self.at - self.width
             self.hist[:self.width] = self.hist[shift:]
-            c["due"] -= shift
-            c["end"] -= shift
-            self.at, self.next_due, self.next_end = self.width, self.next_due - shift, self.next_end - shift
+            for k in SHIFTED:
+                self.cols[k] = [x - shift for x in self.cols[k]]
+            self.at, self.next_due = self.width, self.next_due - shift
         self.hist[self.at] = tokens
         self.at += 1
         for i in fresh:
@@ -140,7 +140,7 @@ class Batch:
             if self.last is not None:
                 metrics.inter_char.observe(now - self.last, len(rows))
             elif len(fresh) < len(rows):
-                metrics.inter_char.observe_many(now - np.delete(c["last"], fresh))
+                metrics.inter_char.observe_many(now - np.delete(np.array(self.cols["last"]), fresh))
         self.fresh, self.last = [], now
         stops = {}
         for i in self.watch:
@@ -150,21 +150,22 @@ class Batch:
         at = self.at
         if at < self.next_due and not stops:
             return []
-        due = c["due"] <= at  # (a mask: at one row, indexing by it or by a list costs twice as much)
-        ended = set((c["end"] <= at).nonzero()[0].tolist()) if at >= self.next_end else set()
-        if stops or ended:
-            due[[*stops, *ended]] = True
-        out, start = [], (c["due"] - c["chunk"]).tolist()
-        for i in due.nonzero()[0].tolist():
-            text = "".join([chars[t] for t in self.hist[start[i]:at, i].tolist()])
-            if i in ended or i in stops:
+        c = self.cols
+        sent, due, end, credit = c["sent"], c["due"], c["end"], c["credit"]
+        out, latest = [], tokens.tolist()
+        for i in [i for i, d in enumerate(due) if d <= at or i in stops]:
+            s = sent[i]  # its text: this step's character, or those since s
+            text = chars[latest[i]] if s == at - 1 else "".join([chars[t] for t in self.hist[s:at, i].tolist()])
+            sent[i] = at
+            if at >= end[i] or i in stops:  # it ends: it leaves the batch
                 reason = FinishReason.STOP if i in stops else FinishReason.LENGTH
                 out.append((i, text, reason, self._stats(i, now, stops.get(i, ""))))
             else:
                 out.append((i, text, None, None))
-        c["due"] += c["chunk"] * due  # rows that end leave the batch
-        c["credit"] -= due
-        self.next_due = min(int(c["due"].min()), self.next_end)
+                credit[i] -= 1
+                d = at + rows[i].req.chunk_chars
+                due[i] = d if d < end[i] else end[i]
+        self.next_due = min(due)
         return out
 
     def _score(self, logits: np.ndarray, tokens: np.ndarray) -> None:
@@ -188,8 +189,8 @@ class Batch:
                                             tuple(zip([chars[t] for t in best[:k]], top_lp[j][:k]))))
 
     def _stats(self, i: int, now: float, stop: str) -> GenerateStats:
-        row, n = self.rows[i], int(self.cols["max_chars"][i] - self.cols["end"][i] + self.at)
-        total = now - row.arrived
+        row = self.rows[i]
+        n, total = row.req.max_chars - self.cols["end"][i] + self.at, now - row.arrived
         return GenerateStats(prompt_chars=len(row.req.prompt), generated_chars=n,
                              time_to_first_char_s=row.first - row.arrived, total_s=total,
                              chars_per_second=n / total if total > 0 else 0.0, seed=row.req.seed,

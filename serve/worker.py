@@ -61,7 +61,7 @@ class ModelLoop:
             out = Generations(self.name)
             try:
                 self._take(msgs, out)
-                if self._admitted():
+                if self.waiting and self._admitted():
                     self._prefill()
                 if self.batch is not None:
                     self._step(out)
@@ -83,7 +83,7 @@ class ModelLoop:
             kind = type(m)
             if kind is Credit:
                 if m.id in self.parked:  # back into the batch
-                    self.parked[m.id].cols["credit"] += m.n
+                    self.parked[m.id].cols["credit"][0] += m.n
                     self.batch = Batch.concatenate([self.batch, self.parked.pop(m.id)], self.rt)
                 elif self.batch is not None and m.id in self.batch.ids:  # else it has ended
                     self.batch.cols["credit"][self.batch.ids.index(m.id)] += m.n
@@ -170,7 +170,7 @@ class ModelLoop:
             if finish is not None:
                 stored = bool(batch.rows[i].req.session_id)
                 self._end(sid, session=Session(self.name, self.rt.take(batch.state, [i]),
-                                               batch.cols["next"][i:i + 1].copy(), self.state_bytes) if stored else None)
+                                               batch.tokens[i:i + 1].copy(), self.state_bytes) if stored else None)
                 out.ends[sid] = (finish, stats, stored)
                 leaving.add(i)
             elif credit[i] <= 0:

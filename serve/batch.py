@@ -60,7 +60,8 @@ class Batch:
         self.rows, self.tokens, self.cols, self.rngs, self.state, self.chars = rows, tokens, cols, rngs, state, chars
         reqs = [r.req for r in rows]
         self.width = max(r.chunk_chars for r in reqs)
-        self.hist = np.pad(hist, ((0, ROOM), (0, 0)))  # (width + ROOM, B); `width` steps so far
+        self.hist = np.zeros((self.width + ROOM, len(rows)), np.int64)  # `width` steps so far
+        self.hist[:self.width] = hist
         self.at, self.last = self.width, None  # last: the time of the last step, once there has been one
         self.ids = [r.id for r in rows]
         self.sampler = BatchSampler([r.temperature for r in reqs], [r.top_k for r in reqs], [r.top_p for r in reqs],
@@ -90,7 +91,9 @@ class Batch:
             cols[k] = [x + shift for x in cols[k]]
         if self.last is not None:
             cols["last"] = [self.last] * len(self.rows)
-        return cols, np.pad(self.hist[max(0, -shift):self.at], ((max(0, shift), 0), (0, 0)))
+        hist, n = np.zeros((width, len(self.rows)), np.int64), min(width, self.at)
+        hist[width - n:] = self.hist[self.at - n:self.at]
+        return cols, hist
 
     def filter(self, keep: list[int], runtime) -> "Batch | None":
         """Only these rows (by index), in this order; None when none is kept."""

@@ -28,17 +28,15 @@ log = logging.getLogger(__name__)
 
 PREDICT_TOP_K = 5  # Predict's top_k when the request leaves it 0
 MAX_LOGPROBS = 5  # OpenAI's cap on a completion's logprobs
+NO_END = (None, None, False)  # a message that does not end its stream (Generations.ends)
 
 
-def _merge(items: list) -> Chunk:
-    """A stream's queued messages (str, or Chunk when they carry logprobs or end it) as one Chunk: texts and
-    logprobs joined, the finish and stats of the last."""
+def _merge(items: list[Chunk]) -> Chunk:
+    """A stream's queued messages as one: texts and logprobs joined, the finish and stats of the last."""
     if len(items) == 1:
-        return items[0] if type(items[0]) is Chunk else Chunk(items[0])
-    logprobs = tuple(lp for i in items if type(i) is Chunk for lp in i.logprobs or ())
-    last = items[-1] if type(items[-1]) is Chunk else Chunk("")
-    return Chunk("".join([i if type(i) is str else i.text for i in items]), last.finish_reason, last.stats,
-                 logprobs or None)
+        return items[0]
+    logprobs = tuple(lp for i in items for lp in i.logprobs or ())
+    return Chunk("".join([i.text for i in items]), items[-1].finish_reason, items[-1].stats, logprobs or None)
 
 
 def shown(text: str, limit: int = 64) -> str:
@@ -53,7 +51,7 @@ class _Stream:
 
     def __init__(self, sid: int, link, session_id: str = ""):
         self.id, self.link, self.session_id, self.task = sid, link, session_id, asyncio.current_task()
-        self.items: deque = deque()  # str (a message's text), Chunk (the last), list (predictions), Exception
+        self.items: deque = deque()  # Chunk (its messages), list (predictions), Exception
         self.waiter: asyncio.Future | None = None
         self.granted, self.ended = 0, False  # messages taken since credit was last granted; the worker is done
         self.writing_since: float | None = None  # while its handler writes a message: since when
@@ -114,16 +112,12 @@ class Engine:
             s = streams.get(sid)
             if s is None:  # cancelled meanwhile
                 continue
-            if sid in ends:
-                finish, stats, stored = ends[sid]
+            finish, stats, stored = ends.get(sid, NO_END)
+            if stats is not None:
+                s.ended = True
                 if stored:
                     s.link.stored(s.session_id)
-                s.ended = True
-                s.put(Chunk(text, finish, stats, logprobs.get(sid)))
-            elif logprobs and sid in logprobs:
-                s.put(Chunk(text, logprobs=logprobs[sid]))
-            else:
-                s.put(text)
+            s.put(Chunk(text, finish, stats, logprobs.get(sid)))
         for sid, last in [*g.errors.items(), *g.predictions.items()]:
             if sid in streams:  # an error ends a stream; predictions answer a Predict call
                 streams[sid].ended = True
@@ -151,7 +145,7 @@ class Engine:
         s = self._open(link, req.session_id)
         try:
             link.send(Submit(s.id, req.model, req, prompt, self.cfg.max_unsent, arrived, link.take_lost(req.session_id)))
-            every = max(1, self.cfg.max_unsent // 4)
+            every = max(1, self.cfg.max_unsent // 2)  # half the window: a parked row rejoins for that long
             while True:
                 items = await s.take(req.coalesce)
                 last = items[-1]
@@ -159,7 +153,7 @@ class Engine:
                     if len(items) > 1:  # what came before the error still goes out
                         yield _merge(items[:-1])
                     raise last
-                if type(last) is Chunk and last.stats is not None:
+                if last.stats is not None:
                     self._close(s, req.model)  # its slot is free: the client may send its next request at once
                     yield _merge(items)
                     return

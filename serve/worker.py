@@ -82,9 +82,8 @@ class ModelLoop:
         for m in msgs:
             kind = type(m)
             if kind is Credit:
-                if m.id in self.parked:  # back into the batch
+                if m.id in self.parked:
                     self.parked[m.id].cols["credit"][0] += m.n
-                    self.batch = Batch.concatenate([self.batch, self.parked.pop(m.id)], self.rt)
                 elif self.batch is not None and m.id in self.batch.ids:  # else it has ended
                     self.batch.cols["credit"][self.batch.ids.index(m.id)] += m.n
             elif kind is Submit:
@@ -97,6 +96,9 @@ class ModelLoop:
                 except Exception as exc:
                     log.exception("%s: Predict failed", self.name)
                     out.errors[m.id] = error_of(exc)
+        back = [sid for sid, b in self.parked.items() if b.cols["credit"][0] > 0]  # credit came: back into the batch
+        if back:
+            self.batch = Batch.concatenate([self.batch, *(self.parked.pop(sid) for sid in back)], self.rt)
 
     def _submit(self, m: Submit, out: Generations) -> None:
         sid = m.req.session_id

@@ -28,10 +28,6 @@ class Row:
     tail: str = ""  # the last characters, to match stop sequences
     logprobs: list | None = None  # CharLogprob of the unsent characters, when the request asks (req.logprobs)
 
-    def take_logprobs(self) -> tuple[CharLogprob, ...] | None:
-        out, self.logprobs = self.logprobs, []
-        return tuple(out) if out is not None else None
-
     def match_stop(self, ch: str) -> str | None:
         self.tail = (self.tail + ch)[-max(map(len, self.req.stop)):]
         return next((s for s in self.req.stop if self.tail.endswith(s)), None)
@@ -55,8 +51,8 @@ SHIFTED = ("sent", "due", "end")
 
 
 class Batch:
-    def __init__(self, rows: list[Row], tokens: np.ndarray, hist: np.ndarray, cols: dict[str, list], rngs: list[Uniforms],
-                 state, chars: str):
+    def __init__(self, rows: list[Row], tokens: np.ndarray, hist: np.ndarray, cols: dict[str, list],
+                 rngs: list[Uniforms], state, chars: str):
         self.rows, self.tokens, self.cols, self.rngs, self.state, self.chars = rows, tokens, cols, rngs, state, chars
         reqs = [r.req for r in rows]
         self.width = max(r.chunk_chars for r in reqs)
@@ -68,7 +64,7 @@ class Batch:
                                     rngs, len(chars))
         self.watch = [i for i, r in enumerate(reqs) if r.stop]  # rows that match stop sequences
         self.scored = [i for i, r in enumerate(reqs) if r.logprobs is not None]  # rows that report logprobs
-        self.fresh = [i for i, (e, r) in enumerate(zip(cols["end"], reqs)) if e - self.at == r.max_chars]  # none sampled
+        self.fresh = [i for i, (e, r) in enumerate(zip(cols["end"], reqs)) if e - self.at == r.max_chars]  # unsampled
         self.next_due = min(cols["due"])  # the next step that sends a message
 
     def __len__(self) -> int:
@@ -113,9 +109,10 @@ class Batch:
             return batches[0] if batches else None
         width = max(b.width for b in batches)
         now = [b._now(width) for b in batches]
+        cols = {k: [x for c, _ in now for x in c[k]] for k in now[0][0]}
         return Batch([r for b in batches for r in b.rows], np.concatenate([b.tokens for b in batches]),
-                     np.concatenate([h for _, h in now], axis=1), {k: [x for c, _ in now for x in c[k]] for k in now[0][0]},
-                     [g for b in batches for g in b.rngs], runtime.concat([b.state for b in batches]), batches[0].chars)
+                     np.concatenate([h for _, h in now], axis=1), cols, [g for b in batches for g in b.rngs],
+                     runtime.concat([b.state for b in batches]), batches[0].chars)
 
     def step(self, runtime, now_fn, metrics=None) -> list[tuple[int, str, FinishReason | None, GenerateStats | None]]:
         """Feed every row its next token, sample its next character; (row, text, finish, stats) for each row

@@ -144,7 +144,8 @@ class Engine:
         req, prompt = self._check_generate(req, self.vocabs[req.model])
         s = self._open(link, req.session_id)
         try:
-            link.send(Submit(s.id, req.model, req, prompt, self.cfg.max_unsent, arrived, link.take_lost(req.session_id)))
+            lost = link.take_lost(req.session_id)
+            link.send(Submit(s.id, req.model, req, prompt, self.cfg.max_unsent, arrived, lost))
             every = max(1, self.cfg.max_unsent // 2)  # half the window: a parked row rejoins for that long
             while True:
                 items = await s.take(req.coalesce)

@@ -164,13 +164,13 @@ class ModelLoop:
     def _step(self, out: Generations) -> None:
         batch, credit, leaving = self.batch, self.batch.cols["credit"], set()
         for i, text, finish, stats in batch.step(self.rt, time.perf_counter, self.metrics):
-            sid = batch.ids[i]
+            sid, row = batch.ids[i], batch.rows[i]
             out.ids.append(sid)
             out.texts.append(text)
-            if batch.rows[i].logprobs is not None:
-                out.logprobs[sid] = batch.rows[i].take_logprobs()
+            if row.logprobs is not None:  # those of this message's characters
+                out.logprobs[sid], row.logprobs = tuple(row.logprobs), []
             if finish is not None:
-                stored = bool(batch.rows[i].req.session_id)
+                stored = bool(row.req.session_id)
                 self._end(sid, session=Session(self.name, self.rt.take(batch.state, [i]),
                                                batch.tokens[i:i + 1].copy(), self.state_bytes) if stored else None)
                 out.ends[sid] = (finish, stats, stored)

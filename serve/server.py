@@ -1,4 +1,4 @@
-"""The gRPC edge: the Generator servicer, protobuf <-> serve.types, the error and API-key interceptors, health,
+"""The gRPC edge: the Generator servicer, protobuf <-> serve.types, the interceptor (API key, errors), health,
 reflection, and the process's lifecycle (`python -m serve`, which also runs the HTTP edge, serve.http, on the
 same loop and engine). Nothing below this module sees protobuf or gRPC status codes.
 """
@@ -82,21 +82,40 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         return pb.PredictResponse(predictions=[pb.Prediction(char=p.char, probability=p.probability) for p in found])
 
 
-class StatusInterceptor(grpc.aio.ServerInterceptor):
-    """The one place exceptions become gRPC statuses (serve.errors.status_code); counts requests by status. It
-    parses request bodies itself: a corrupt one, or invalid UTF-8, is INVALID_ARGUMENT like any other refusal."""
+class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    """Between grpc and the servicers. With --api-key, every call but health checks needs `authorization: Bearer
+    KEY` in its metadata (UNAUTHENTICATED otherwise). The Generator's calls parse their bodies here (a corrupt one,
+    or invalid UTF-8, is INVALID_ARGUMENT like any other refusal), their exceptions become statuses in this one
+    place (serve.errors.status_code), and each is counted by its status."""
 
-    def __init__(self, metrics: Metrics):
-        self.requests = metrics.requests
+    KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+    def __init__(self, api_key: str, metrics: Metrics):
+        self.expected, self.requests = f"Bearer {api_key}".encode() if api_key else None, metrics.requests
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or not details.method.startswith(f"/{SERVICE}/"):
+        if handler is None or details.method.startswith("/grpc.health.v1.Health/"):
             return handler
-        method, kind = details.method.rsplit("/", 1)[1], "unary_stream" if handler.unary_stream else "unary_unary"
+        ours, method = details.method.startswith(f"/{SERVICE}/"), details.method.rsplit("/", 1)[1]
+        kind = next(k for k in self.KINDS if getattr(handler, k))
+        make = getattr(grpc, f"{kind}_rpc_method_handler")
+        if self.expected is not None and not self._authorized(details.invocation_metadata):
+            async def deny(request, context):
+                if ours:
+                    self.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required: metadata "
+                                                                     "'authorization: Bearer KEY'")
+            return make(deny)
+        if not ours:
+            return handler
         # requests come as bytes, parsed in the wrapper; Generate writes its messages (context.write): a coroutine too
-        wrapped = self._wrap(method, getattr(handler, kind), handler.request_deserializer)
-        return getattr(grpc, f"{kind}_rpc_method_handler")(wrapped, response_serializer=handler.response_serializer)
+        return make(self._wrap(method, getattr(handler, kind), handler.request_deserializer),
+                    response_serializer=handler.response_serializer)
+
+    def _authorized(self, metadata) -> bool:
+        given = next((v for k, v in metadata or () if k == "authorization"), "")
+        return hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected)
 
     def _wrap(self, method, behaviour, parse):
         async def wrapper(body, context):
@@ -121,34 +140,6 @@ class StatusInterceptor(grpc.aio.ServerInterceptor):
         return wrapper
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """With --api-key: every call but health checks needs `authorization: Bearer KEY` in its metadata
-    (UNAUTHENTICATED, counted, otherwise)."""
-
-    OPEN = "/grpc.health.v1.Health/"
-
-    def __init__(self, key: str, metrics: Metrics):
-        self.expected, self.requests = f"Bearer {key}".encode(), metrics.requests
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(self.OPEN):
-            return handler
-        given = next((v for k, v in details.invocation_metadata or () if k == "authorization"), "")
-        if hmac.compare_digest(given.encode() if isinstance(given, str) else given, self.expected):
-            return handler
-        method = details.method.rsplit("/", 1)[1]
-
-        async def deny(request, context):
-            if details.method.startswith(f"/{SERVICE}/"):
-                self.requests.labels(method, grpc.StatusCode.UNAUTHENTICATED.name).inc()
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "a valid API key is required: metadata "
-                                                                 "'authorization: Bearer KEY'")
-        kind = ("unary_unary" if handler.unary_unary else "unary_stream" if handler.unary_stream else
-                "stream_unary" if handler.stream_unary else "stream_stream")
-        return getattr(grpc, f"{kind}_rpc_method_handler")(deny)
-
-
 class StartError(Exception):
     """The server cannot start (a port is taken, say)."""
 
@@ -163,14 +154,12 @@ class Server:
         if runtimes is None:
             providers = resolve_providers(cfg.backend, cfg.providers)  # a bad backend or provider fails at once
             paths = find_models(cfg.models, cfg.backend)
-            n = min(cfg.workers, len(paths))  # each worker process opens its share (the openers are pickled)
+            n = min(cfg.workers, len(paths)) or 1  # each worker opens its share (the openers are pickled)
             openers = [functools.partial(opener, paths[i::n], cfg.backend, providers, cfg.threads) for i in range(n)]
-            if not cfg.workers:
-                runtimes = opener(paths, cfg.backend, providers, cfg.threads)
-        if runtimes is not None:
+        else:
             openers = [lambda: runtimes]
         try:
-            self.engine = Engine(cfg, self.metrics, openers, in_process=runtimes is not None)
+            self.engine = Engine(cfg, self.metrics, openers, in_process=runtimes is not None or not cfg.workers)
         except RuntimeError as e:  # a worker could not open its models
             raise BackendError(str(e)) from None
         self.health = health.aio.HealthServicer()
@@ -183,8 +172,7 @@ class Server:
 
     async def start(self) -> "Server":
         # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it
-        auth = [AuthInterceptor(self.cfg.api_key, self.metrics)] if self.cfg.api_key else []
-        server = self._grpc = grpc.aio.server(interceptors=[*auth, StatusInterceptor(self.metrics)],
+        server = self._grpc = grpc.aio.server(interceptors=[EdgeInterceptor(self.cfg.api_key, self.metrics)],
                                               options=[("grpc.so_reuseport", 0), *PENDING_OPTIONS],
                                               maximum_concurrent_rpcs=self.cfg.max_streams + OTHER_RPCS)
         pb_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self.engine), server)

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 PREDICT_TOP_K = 5  # Predict's top_k when the request leaves it 0
 MAX_LOGPROBS = 5  # OpenAI's cap on a completion's logprobs
-NO_END = (None, None, False)  # a message that does not end its stream (Generations.ends)
+NO_END = (None, None)  # a message that does not end its stream (Generations.ends)
 
 
 def _merge(items: list[Chunk]) -> Chunk:
@@ -112,10 +112,10 @@ class Engine:
             s = streams.get(sid)
             if s is None:  # cancelled meanwhile
                 continue
-            finish, stats, stored = ends.get(sid, NO_END)
+            finish, stats = ends.get(sid, NO_END)
             if stats is not None:
                 s.ended = True
-                if stored:
+                if s.session_id:  # its worker holds its state now
                     s.link.stored(s.session_id)
             s.put(Chunk(text, finish, stats, logprobs.get(sid)))
         for sid, last in [*g.errors.items(), *g.predictions.items()]:

@@ -62,7 +62,7 @@ class Generations:
     model: str
     ids: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
-    ends: dict[int, tuple[FinishReason, GenerateStats, bool]] = field(default_factory=dict)  # bool: session stored
+    ends: dict[int, tuple[FinishReason, GenerateStats]] = field(default_factory=dict)
     errors: dict[int, Exception] = field(default_factory=dict)
     predictions: dict[int, list[Prediction]] = field(default_factory=dict)
     metrics: tuple | None = None  # serve.metrics.ModelMetrics.snapshot()

@@ -169,11 +169,10 @@ class ModelLoop:
             out.texts.append(text)
             if row.logprobs is not None:  # those of this message's characters
                 out.logprobs[sid], row.logprobs = tuple(row.logprobs), []
-            if finish is not None:
-                stored = bool(row.req.session_id)
-                self._end(sid, session=Session(self.name, self.rt.take(batch.state, [i]),
-                                               batch.tokens[i:i + 1].copy(), self.state_bytes) if stored else None)
-                out.ends[sid] = (finish, stats, stored)
+            if finish is not None:  # a stream with a session_id leaves its state in the cache
+                self._end(sid, session=Session(self.name, self.rt.take(batch.state, [i]), batch.tokens[i:i + 1].copy(),
+                                               self.state_bytes) if row.req.session_id else None)
+                out.ends[sid] = (finish, stats)
                 leaving.add(i)
             elif credit[i] <= 0:
                 self.parked[sid] = batch.filter([i], self.rt)

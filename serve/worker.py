@@ -79,11 +79,13 @@ class ModelLoop:
                 self.emit(out)
 
     def _take(self, msgs: list, out: Generations) -> None:
+        credited = {}  # parked streams that got credit: they rejoin the batch (unless cancelled since)
         for m in msgs:
             kind = type(m)
             if kind is Credit:
                 if m.id in self.parked:
                     self.parked[m.id].cols["credit"][0] += m.n
+                    credited[m.id] = True
                 elif self.batch is not None and m.id in self.batch.ids:  # else it has ended
                     self.batch.cols["credit"][self.batch.ids.index(m.id)] += m.n
             elif kind is Submit:
@@ -96,9 +98,9 @@ class ModelLoop:
                 except Exception as exc:
                     log.exception("%s: Predict failed", self.name)
                     out.errors[m.id] = error_of(exc)
-        back = [sid for sid, b in self.parked.items() if b.cols["credit"][0] > 0]  # credit came: back into the batch
+        back = [self.parked.pop(sid) for sid in credited if sid in self.parked]
         if back:
-            self.batch = Batch.concatenate([self.batch, *(self.parked.pop(sid) for sid in back)], self.rt)
+            self.batch = Batch.concatenate([self.batch, *back], self.rt)
 
     def _submit(self, m: Submit, out: Generations) -> None:
         sid = m.req.session_id

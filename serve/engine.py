@@ -138,6 +138,10 @@ class Engine:
     def models(self) -> list[ModelInfo]:
         return [info for link in self.links for info in link.models.values()]
 
+    def down(self) -> list[str]:
+        """The models that cannot serve now: their worker has gone and is being restarted."""
+        return sorted(name for link in self.links if link.dead for name in link.models)
+
     async def generate(self, req: GenerateRequest) -> AsyncIterator[Chunk]:
         arrived = time.perf_counter()
         link = self._route(req.model)

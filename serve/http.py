@@ -235,9 +235,8 @@ class _Completion:
 class HttpFront:
     """The HTTP server of a `serve.server.Server`: `await start()` -> (http port, metrics port), `await stop()`."""
 
-    def __init__(self, cfg: ServerConfig, engine: Engine, metrics: Metrics, health):
-        """health() -> (ok, what): whether the server serves now, and a word for /health ("serving", "draining")."""
-        self.cfg, self.engine, self.metrics, self.health = cfg, engine, metrics, health
+    def __init__(self, cfg: ServerConfig, engine: Engine, metrics: Metrics):
+        self.cfg, self.engine, self.metrics = cfg, engine, metrics
         self.ready = False  # until the engine serves: everything but /health answers 503
         self.started = int(time.time())
         self.requests = Counter("charrnn_http_requests", "Finished HTTP requests by route and status",
@@ -340,8 +339,10 @@ class HttpFront:
         return web.Response(body=_page(), headers=PAGE_HEADERS)
 
     async def health_check(self, request: web.Request) -> web.Response:
-        ok, what = self.health()
-        ok = ok and self.ready
+        """200 while serving; 503 while starting, draining, or while a model cannot serve."""
+        down = self.engine.down()
+        what = "draining" if self.engine.draining else f"not serving: {', '.join(down)}" if down else "serving"
+        ok = self.ready and what == "serving"
         return web.json_response({"status": what if self.ready else "starting"}, status=200 if ok else 503)
 
     async def metrics_text(self, request: web.Request) -> web.Response:

@@ -163,12 +163,11 @@ class Server:
         except RuntimeError as e:  # a worker could not open its models
             raise BackendError(str(e)) from None
         self.health = health.aio.HealthServicer()
-        self.http = HttpFront(cfg, self.engine, self.metrics, self._http_health)
+        self.http = HttpFront(cfg, self.engine, self.metrics)
         self.port = self.http_port = self.metrics_port = None
         self._grpc: grpc.aio.Server | None = None
         self.hurry = asyncio.Event()  # set: cut a drain's grace period short
         self._tasks: set[asyncio.Task] = set()
-        self._down: set[str] = set()  # models that cannot serve now
 
     async def start(self) -> "Server":
         # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it
@@ -224,18 +223,11 @@ class Server:
         whole (NOT_SERVING while any model cannot serve)."""
         if self.engine.draining:
             return
-        self._down = self._down - set(names) if serving else self._down | set(names)
         status = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
-        for name, ok in [*((n, serving) for n in names), *((n, not self._down) for n in ("", SERVICE))]:
+        for name, ok in [*((n, serving) for n in names), *((n, not self.engine.down()) for n in ("", SERVICE))]:
             task = asyncio.ensure_future(self.health.set(name, status[ok]))
             self._tasks.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._tasks.discard)
-
-    def _http_health(self) -> tuple[bool, str]:
-        """For /health: 200 while serving; 503 while draining or while a model cannot serve."""
-        if self.engine.draining:
-            return False, "draining"
-        return (False, "not serving: " + ", ".join(sorted(self._down))) if self._down else (True, "serving")
 
 
 async def run(cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None) -> None:

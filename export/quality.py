@@ -15,6 +15,7 @@ import numpy as np
 
 from export.parity import ParityError
 from export.runtime import Runtime, TorchRuntime
+from train.sampling import log_softmax
 
 QUALITY_NATS = 0.01  # accepted when the candidate's held-out loss is at most this much above fp32's
 GREEDY_CHARS = 1000
@@ -64,9 +65,7 @@ def stream_loss(rt: Runtime, ids: np.ndarray, n_streams: int = N_STREAMS) -> tup
     loss, correct = 0.0, 0
     for t in range(L - 1):
         logits, state = rt.step(data[:, t: t + 1], state)  # (n, V)
-        z = logits.astype(np.float64)
-        z -= z.max(-1, keepdims=True)
-        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        logp = log_softmax(logits)
         target = data[:, t + 1]
         loss -= logp[np.arange(n_streams), target].sum()
         correct += int((logits.argmax(-1) == target).sum())

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serve.types import CharLogprob, FinishReason, GenerateRequest, GenerateStats, SessionState
-from train.sampling import BatchSampler, Uniforms
+from train.sampling import BatchSampler, Uniforms, log_softmax
 
 ROOM = 64  # steps `hist` holds beyond the widest chunk; then it keeps only its last `width` steps
 
@@ -172,9 +172,7 @@ class Batch:
         """For the rows that ask only: the sampled character's log-probability and the top n (the model's own
         distribution, before temperature, top-k and top-p), kept with the row until its message goes."""
         idx = self.scored
-        z = logits[idx].astype(np.float64)  # (R, V)
-        z -= z.max(axis=1, keepdims=True)
-        lp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        lp = log_softmax(logits[idx])  # (R, V)
         n = max(self.rows[i].req.logprobs for i in idx)
         top = np.argsort(-lp, axis=1, kind="stable")[:, :n]  # (R, n)
         top_lp = np.take_along_axis(lp, top, axis=1).tolist()

@@ -11,13 +11,12 @@ import logging
 import math
 import secrets
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
 
 from serve.config import ServerConfig
-from serve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from serve.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, shown
 from serve.link import WorkerLink
 from serve.messages import Cancel, Credit, Generations, Predict, Submit
 from serve.metrics import Metrics
@@ -39,35 +38,21 @@ def _merge(items: list[Chunk]) -> Chunk:
     return Chunk("".join([i.text for i in items]), items[-1].finish_reason, items[-1].stats, logprobs or None)
 
 
-def shown(text: str, limit: int = 64) -> str:
-    """Client text quoted in an error, cut to a bounded length."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
-
-
 class _Stream:
     """A request in flight, seen from the front end: what its worker sent that its handler has not taken."""
 
-    __slots__ = ("id", "link", "session_id", "items", "waiter", "granted", "writing_since", "task", "ended")
+    __slots__ = ("id", "link", "session_id", "queue", "granted", "writing_since", "task", "ended")
 
     def __init__(self, sid: int, link, session_id: str = ""):
         self.id, self.link, self.session_id, self.task = sid, link, session_id, asyncio.current_task()
-        self.items: deque = deque()  # Chunk (its messages), list (predictions), Exception
-        self.waiter: asyncio.Future | None = None
+        self.queue = asyncio.Queue()  # Chunk (its messages), list (predictions), Exception
         self.granted, self.ended = 0, False  # messages taken since credit was last granted; the worker is done
         self.writing_since: float | None = None  # while its handler writes a message: since when
 
-    def put(self, item) -> None:
-        self.items.append(item)
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_result(None)
-
     async def take(self, everything: bool) -> list:
-        while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
-            await self.waiter
-        if not everything:
-            return [self.items.popleft()]
-        items, self.items = list(self.items), deque()
+        items = [await self.queue.get()]
+        while everything and not self.queue.empty():
+            items.append(self.queue.get_nowait())
         return items
 
 
@@ -117,11 +102,11 @@ class Engine:
                 s.ended = True
                 if s.session_id:  # its worker holds its state now
                     s.link.stored(s.session_id)
-            s.put(Chunk(text, finish, stats, logprobs.get(sid)))
+            s.queue.put_nowait(Chunk(text, finish, stats, logprobs.get(sid)))
         for sid, last in [*g.errors.items(), *g.predictions.items()]:
             if sid in streams:  # an error ends a stream; predictions answer a Predict call
                 streams[sid].ended = True
-                streams[sid].put(last)
+                streams[sid].queue.put_nowait(last)
         if g.metrics is not None:
             self.metrics.model(g.model).load(g.metrics)
         if g.sessions is not None:
@@ -133,7 +118,7 @@ class Engine:
         for s in list(self.streams.values()):
             if link is None or s.link is link:
                 s.ended = True
-                s.put(exc)
+                s.queue.put_nowait(exc)
 
     def models(self) -> list[ModelInfo]:
         return [info for link in self.links for info in link.models.values()]

@@ -50,3 +50,8 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
         if cls in _STATUS:
             return _STATUS[cls]
     return grpc.StatusCode.INTERNAL
+
+
+def shown(text: str, limit: int = 64) -> str:
+    """Client text quoted in an error, cut to a bounded length (never echo unbounded client text)."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"

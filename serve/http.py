@@ -28,8 +28,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 
 from serve.config import ServerConfig
-from serve.engine import Engine, shown
-from serve.errors import InvalidArgument, NotFound, ResourceExhausted, ServeError, SessionBusy, Unavailable
+from serve.engine import Engine
+from serve.errors import InvalidArgument, NotFound, ResourceExhausted, ServeError, SessionBusy, Unavailable, shown
 from serve.metrics import Metrics
 from serve.types import CharLogprob, Chunk, FinishReason, GenerateRequest, GenerateStats
 from train.vocab import VocabError

@@ -5,6 +5,7 @@ same loop and engine). Nothing below this module sees protobuf or gRPC status co
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import hmac
 import logging
@@ -55,10 +56,7 @@ def generate_request_from_pb(m: pb.GenerateRequest) -> GenerateRequest:
 def chunk_to_pb(c: Chunk) -> pb.GenerateResponse:
     if c.stats is None:
         return pb.GenerateResponse(text=c.text)
-    s = c.stats
-    stats = pb.GenerateStats(
-        prompt_chars=s.prompt_chars, generated_chars=s.generated_chars, time_to_first_char_s=s.time_to_first_char_s,
-        total_s=s.total_s, chars_per_second=s.chars_per_second, seed=s.seed, session=_SESSION[s.session], stop=s.stop)
+    stats = pb.GenerateStats(**{**dataclasses.asdict(c.stats), "session": _SESSION[c.stats.session]})  # same fields
     return pb.GenerateResponse(text=c.text, finish_reason=_FINISH[c.finish_reason], stats=stats)
 
 
@@ -67,9 +65,7 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
         self.engine = engine
 
     async def ListModels(self, request, context):
-        return pb.ListModelsResponse(models=[pb.ModelInfo(id=m.id, cell=m.cell, hidden_size=m.hidden_size,
-                                                          fc_layers=m.fc_layers, vocab=m.vocab, backend=m.backend)
-                                             for m in self.engine.models()])
+        return pb.ListModelsResponse(models=[pb.ModelInfo(**dataclasses.asdict(m)) for m in self.engine.models()])
 
     async def Generate(self, request, context):
         # context.write, not yield: a cancel or an expired deadline then lands in this coroutine and the interceptor

@@ -20,6 +20,7 @@ from serve.messages import Cancel, Credit, Generations, Predict, Ready, Submit, 
 from serve.metrics import ModelMetrics
 from serve.sessions import Session, SessionCache
 from serve.types import ModelInfo, Prediction, SessionState
+from train.sampling import log_softmax
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +143,7 @@ class ModelLoop:
     def _predict(self, m: Predict) -> list[Prediction]:
         """A one-shot call on the runtime: the text from a zero state, the top_k next characters."""
         logits, _ = self.rt.step(m.tokens.reshape(1, -1), self.rt.new_state(1))
-        z = logits[0].astype(np.float64)
-        p = np.exp(z - z.max())
-        p /= p.sum()
+        p = np.exp(log_softmax(logits[0]))
         return [Prediction(self.rt.vocab.chars[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:m.top_k]]
 
     def _prefill(self) -> None:
@@ -222,8 +221,6 @@ def worker_main(sock: socket.socket, opener, settings: dict, own_process: bool =
                     loop.post([], stop=True)
                     loop.thread.join()
                 return
-            by_model: dict[str, list] = defaultdict(list)
-            for m in msgs:
-                by_model[m.model].append(m)
-            for name, part in by_model.items():
-                loops[name].post(part)
+            for name, loop in loops.items():
+                if part := [m for m in msgs if m.model == name]:
+                    loop.post(part)

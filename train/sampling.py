@@ -33,6 +33,14 @@ class Uniforms:
         return self._left.pop()
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log-probabilities over the last axis, in float64: the model's own distribution (before any sampling
+    setting). The server's Predict and logprobs and export's quality check use it."""
+    z = logits.astype(np.float64)
+    z -= z.max(axis=-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
 def sample(logits: np.ndarray, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            rng: Generator | Uniforms | None = None) -> int:
     """One next-token id from logits (V,). temperature 0 is greedy; top_k 0 and top_p 1 disable those filters.

@@ -7,8 +7,8 @@ completions, the playground) on one event loop, the front end's requests and lim
 One character, from the model to the socket:
 1. `Batch.step` (serve.batch) runs `runtime.step` on every row and samples the character; when its row's
    chunk is full (or the stream ends) it is a generation of the step.
-2. `ModelLoop._step` (serve.worker) puts the step's generations of every stream in one `Generations`
-   message and emits it, pickled once onto the worker's socket (a process's, or with `--workers 0` a
+2. `Model.turn` (serve.worker) puts the step's generations of every stream in one `Generations` message,
+   which `worker_main` writes, pickled once, onto the worker's socket (a process's, or with `--workers 0` a
    thread's in the server's process).
 3. The link (serve.link) reads it on the event loop and calls `Engine._dispatch`, which puts each text on
    its stream's queue.

@@ -31,8 +31,9 @@ class ServerConfig:
                 "'Authorization: Bearer KEY', gRPC the same in their metadata; health stays open"})
     cors_origin: str = _opt("", "an origin allowed to call the HTTP API from a browser ('*': any); unset: none")
     workers: int = _opt(1, "worker processes that own the models, their batches and sessions (models are spread "
-                           "over them), so that steps and the gRPC event loop do not share one interpreter lock; "
-                           "0: the same worker in a thread of this process")
+                           "over them; a worker steps its models in turn, different workers in parallel), so that "
+                           "steps and the event loop do not share one interpreter lock; 0: one worker in a thread "
+                           "of this process")
     max_batch: int = _opt(64, "streams stepped together in one backend call, per model")
     max_streams: int = _opt(256, "concurrent Generate streams and Predict calls, all models together; "
                                  "RESOURCE_EXHAUSTED past it")

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 
 from serve.errors import Unavailable
-from serve.messages import Ready, frame, read_frame, unframe
+from serve.messages import Ready, frame, unframe
 from serve.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,16 @@ class WorkerLink(asyncio.Protocol):
     def wait_ready(self) -> None:
         """Block until the worker has opened its models (RuntimeError saying why it could not)."""
         try:
-            with self.sock.makefile("rb", buffering=0) as f:  # unbuffered: later bytes stay for the loop
-                ready: Ready = read_frame(f)
+            while not (got := unframe(self._buf)):  # the worker sends nothing more until it has messages
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    raise EOFError
+                self._buf += data
         except (EOFError, OSError):
             self.process.join(5)
             raise RuntimeError(f"{self.process.name} exited (code {getattr(self.process, 'exitcode', None)}) "
                                "while opening its models; its log is above") from None
+        ready: Ready = got[0]
         if ready.models is None:
             raise RuntimeError(ready.error)
         self.models = ready.models

@@ -90,15 +90,6 @@ def frame(obj) -> bytes:
     return _HEADER.pack(len(data)) + data
 
 
-def read_frame(f):
-    """The next object from a blocking binary file; EOFError once the other end has closed."""
-    header = f.read(_HEADER.size)
-    data = f.read(_HEADER.unpack(header)[0]) if len(header) == _HEADER.size else b""
-    if not data:
-        raise EOFError
-    return pickle.loads(data)
-
-
 def unframe(buf: bytearray) -> list:
     """The whole objects at the start of buf (taken out of it)."""
     out, start, size = [], 0, _HEADER.size

@@ -1,6 +1,6 @@
 """Prometheus metrics, on a registry of the server's own (several servers can share a process).
 
-A model's figures (`ModelMetrics`) are plain counters written by its thread in a worker (serve.worker);
+A model's figures (`ModelMetrics`) are plain counters written by its worker (serve.worker) on each turn;
 the server's copy is refreshed from the worker's snapshots. A collector turns them into Prometheus
 families when /metrics is read.
 """

@@ -6,7 +6,6 @@ recently used are evicted, and the next request on a dropped one is told why it 
 """
 from __future__ import annotations
 
-import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -29,53 +28,49 @@ class SessionCache:
     def __init__(self, ttl_s: float, capacity: int, clock=time.monotonic, max_bytes: float = float("inf")):
         self.ttl_s, self.capacity, self.clock, self.max_bytes = ttl_s, capacity, clock, max_bytes
         self.nbytes = 0  # of the live entries' states
-        self.lock = threading.Lock()  # the worker's model threads share the cache
         self._live: OrderedDict[str, tuple[Session, float]] = OrderedDict()  # id -> (session, expiry); LRU first
         self._gone: OrderedDict[str, SessionState] = OrderedDict()  # id -> EXPIRED | EVICTED
         self._busy: set[str] = set()
 
     def __len__(self) -> int:
-        with self.lock:
-            self._expire()
-            return len(self._live)
+        self._expire()
+        return len(self._live)
 
     def checkout(self, sid: str, model: str, required: bool = False,
                  lost: bool = False) -> tuple[Session | None, SessionState]:
         """Take the session for one stream: (its state or None when starting fresh, what happened).
         lost: the front end knows its state was lost with a worker process that exited."""
-        with self.lock:
-            if sid in self._busy:
-                raise SessionBusy(f"session {sid!r} is in use by another stream")
-            self._expire()
-            session, how = self._live.get(sid, (None, 0))[0], SessionState.CONTINUED
-            if session is None:
-                how = self._gone.get(sid, SessionState.EXPIRED if lost else SessionState.NEW)
-                if required:
-                    detail = "was lost: the worker process that held it exited" if lost else {
-                        SessionState.NEW: "does not exist", SessionState.EXPIRED: "has expired",
-                        SessionState.EVICTED: "was evicted"}[how]
-                    raise NotFound(f"session {sid!r} {detail}")
-            elif session.model != model:
-                raise InvalidArgument(f"session {sid!r} holds the state of model {session.model!r}, not {model!r}")
-            else:
-                del self._live[sid]
-                self.nbytes -= session.nbytes
-            self._busy.add(sid)
-            return session, how
+        if sid in self._busy:
+            raise SessionBusy(f"session {sid!r} is in use by another stream")
+        self._expire()
+        session, how = self._live.get(sid, (None, 0))[0], SessionState.CONTINUED
+        if session is None:
+            how = self._gone.get(sid, SessionState.EXPIRED if lost else SessionState.NEW)
+            if required:
+                detail = "was lost: the worker process that held it exited" if lost else {
+                    SessionState.NEW: "does not exist", SessionState.EXPIRED: "has expired",
+                    SessionState.EVICTED: "was evicted"}[how]
+                raise NotFound(f"session {sid!r} {detail}")
+        elif session.model != model:
+            raise InvalidArgument(f"session {sid!r} holds the state of model {session.model!r}, not {model!r}")
+        else:
+            del self._live[sid]
+            self.nbytes -= session.nbytes
+        self._busy.add(sid)
+        return session, how
 
     def checkin(self, sid: str, session: Session | None) -> None:
         """Return the session after its stream: the new state, or the old one (None: none) when it failed."""
-        with self.lock:
-            self._busy.discard(sid)
-            if session is None:
-                return
-            self._gone.pop(sid, None)
-            self._live[sid] = (session, self.clock() + self.ttl_s)
-            self.nbytes += session.nbytes
-            while len(self._live) > self.capacity or (self.nbytes > self.max_bytes and len(self._live) > 1):
-                old, (gone, _) = self._live.popitem(last=False)
-                self.nbytes -= gone.nbytes
-                self._forget(old, SessionState.EVICTED)
+        self._busy.discard(sid)
+        if session is None:
+            return
+        self._gone.pop(sid, None)
+        self._live[sid] = (session, self.clock() + self.ttl_s)
+        self.nbytes += session.nbytes
+        while len(self._live) > self.capacity or (self.nbytes > self.max_bytes and len(self._live) > 1):
+            old, (gone, _) = self._live.popitem(last=False)
+            self.nbytes -= gone.nbytes
+            self._forget(old, SessionState.EVICTED)
 
     def _expire(self) -> None:
         now = self.clock()

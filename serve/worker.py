@@ -1,14 +1,16 @@
 """The model side: a worker owns its runtimes, each model's running batch and the session state cache.
 
-One thread per model, the only caller of its `runtime.step`, takes the front end's messages and answers
-each turn (admit and prefill, `Batch.step`) with one `Generations`; hidden state never leaves the worker.
+A worker is one thread (of a process of its own, or with `--workers 0` of the server's process): between
+steps it reads the front end's messages, then gives each of its models a turn (admit and prefill,
+`Batch.step`) that it answers with one `Generations`. It is the only caller of its runtimes, and hidden
+state never leaves it. Models in one worker step in turn; models in different workers, in parallel.
 """
 from __future__ import annotations
 
 import logging
+import select
 import signal
 import socket
-import threading
 import time
 from collections import defaultdict
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from serve.batch import Batch, Prefilled, Row
 from serve.errors import NotFound
-from serve.messages import Cancel, Credit, Generations, Predict, Ready, Submit, error_of, frame, read_frame
+from serve.messages import Cancel, Credit, Generations, Predict, Ready, Submit, error_of, frame, unframe
 from serve.metrics import ModelMetrics
 from serve.sessions import Session, SessionCache
 from serve.types import ModelInfo, Prediction, SessionState
@@ -27,57 +29,46 @@ log = logging.getLogger(__name__)
 METRICS_EVERY_S = 0.1  # a model's metrics go with its generations this often, and whenever streams come or go
 
 
-class ModelLoop:
-    def __init__(self, name: str, runtime, sessions: SessionCache, emit, max_batch: int, prefill_chunk: int):
-        self.name, self.rt, self.sessions, self.emit = name, runtime, sessions, emit
+class Model:
+    """One model in a worker: its runtime, its running batch, the streams on their way in and those parked."""
+
+    def __init__(self, name: str, runtime, sessions: SessionCache, max_batch: int, prefill_chunk: int):
+        self.name, self.rt, self.sessions = name, runtime, sessions
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
         self.metrics, self.state_bytes = ModelMetrics(), 4 * runtime.hidden_size * runtime.num_states
         self.waiting: list[Prefilled] = []  # streams not in the batch yet, in order; the first ones are prefilled
         self.batch: Batch | None = None
         self.parked: dict[int, Batch] = {}  # one-row batches without credit
         self.live: dict[int, tuple[str, Session | None]] = {}  # id -> its session id and the session it continues
-        self._inbox, self._cv, self._stop = [], threading.Condition(), False
         self._active, self._metrics_at = 0, 0.0
-        self.thread = threading.Thread(target=self._run, name=f"model:{name}", daemon=True)
-        self.thread.start()
-
-    def post(self, msgs: list, stop: bool = False) -> None:
-        with self._cv:
-            self._inbox += msgs
-            self._stop |= stop
-            self._cv.notify()
 
     def _admitted(self) -> list[Prefilled]:
         """The waiting streams that the batch has room for (`max_batch`): those being prefilled."""
         return self.waiting[:max(0, self.max_batch - len(self.batch or ()))]
 
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not (self._inbox or self._stop or self.batch or self._admitted()):
-                    self._cv.wait()
-                if self._stop:
-                    return
-                msgs, self._inbox = self._inbox, []
-            out = Generations(self.name)
-            try:
-                self._take(msgs, out)
-                if self.waiting and self._admitted():
-                    self._prefill()
-                if self.batch is not None:
-                    self._step(out)
-            except Exception as exc:  # a backend failure ends this model's streams, not the server
-                log.exception("%s: step failed; ending its %d streams", self.name, len(self.live))
-                self._fail_all(exc, out)
-            now = time.monotonic()
-            if len(self.live) != self._active or out.ends or out.errors or now - self._metrics_at >= METRICS_EVERY_S:
-                self._active, self._metrics_at = len(self.live), now
-                queued = len(self.waiting) - len(self._admitted())
-                self.metrics.active.set(len(self.live) - queued)
-                self.metrics.queued.set(queued)
-                out.metrics, out.sessions = self.metrics.snapshot(), len(self.sessions)
-            if out:
-                self.emit(out)
+    def busy(self) -> bool:
+        """Whether a turn has work without new messages: a batch to step, or prompts to feed."""
+        return self.batch is not None or bool(self.waiting and self._admitted())
+
+    def turn(self, msgs: list) -> Generations:
+        out = Generations(self.name)
+        try:
+            self._take(msgs, out)
+            if self.waiting and self._admitted():
+                self._prefill()
+            if self.batch is not None:
+                self._step(out)
+        except Exception as exc:  # a backend failure ends this model's streams, not the server
+            log.exception("%s: step failed; ending its %d streams", self.name, len(self.live))
+            self._fail_all(exc, out)
+        now = time.monotonic()
+        if len(self.live) != self._active or out.ends or out.errors or now - self._metrics_at >= METRICS_EVERY_S:
+            self._active, self._metrics_at = len(self.live), now
+            queued = len(self.waiting) - len(self._admitted())
+            self.metrics.active.set(len(self.live) - queued)
+            self.metrics.queued.set(queued)
+            out.metrics, out.sessions = self.metrics.snapshot(), len(self.sessions)
+        return out
 
     def _take(self, msgs: list, out: Generations) -> None:
         credited = {}  # parked streams that got credit: they rejoin the batch (unless cancelled since)
@@ -183,24 +174,14 @@ class ModelLoop:
 
 
 def worker_main(sock: socket.socket, opener, settings: dict, own_process: bool = True) -> None:
-    """A worker: open the models (opener()), say Ready, then hand each model's messages to its loop until the
-    front end closes its end of the socket. In a process of its own, or a thread of the server's."""
+    """A worker: open the models (opener()), say Ready, then read messages and give each model a turn until
+    the front end closes its end of the socket. In a process of its own, or a thread of the server's."""
     if own_process:
         # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server drains, then stops us
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         logging.basicConfig(level=logging.INFO,
                             format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
-    lock = threading.Lock()
-
-    def emit(gens: Generations) -> None:  # on a model's thread
-        data = frame(gens)
-        try:
-            with lock:
-                sock.sendall(data)
-        except OSError:  # the front end is gone; the reader below sees it too and stops
-            pass
-
     with sock:
         try:
             runtimes = opener()
@@ -208,19 +189,23 @@ def worker_main(sock: socket.socket, opener, settings: dict, own_process: bool =
             return sock.sendall(frame(Ready(None, str(e))))
         sessions = SessionCache(settings["session_ttl_s"], settings["max_sessions"],
                                 max_bytes=settings["max_session_bytes"])
-        loops = {name: ModelLoop(name, rt, sessions, emit, settings["max_batch"], settings["prefill_chunk"])
-                 for name, rt in runtimes.items()}
+        models = [Model(name, rt, sessions, settings["max_batch"], settings["prefill_chunk"])
+                  for name, rt in runtimes.items()]
         sock.sendall(frame(Ready({name: ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars,
                                                   rt.backend) for name, rt in runtimes.items()})))
-        f = sock.makefile("rb")
-        while True:
-            try:
-                msgs = read_frame(f)
-            except (EOFError, OSError):  # the server is stopping (or gone): each model ends its turn
-                for loop in loops.values():
-                    loop.post([], stop=True)
-                    loop.thread.join()
-                return
-            for name, loop in loops.items():
-                if part := [m for m in msgs if m.model == name]:
-                    loop.post(part)
+        buf = bytearray()
+        try:
+            while True:
+                msgs = []
+                if select.select([sock], [], [], 0 if any(m.busy() for m in models) else None)[0]:  # busy: a look
+                    data = sock.recv(1 << 16)
+                    if not data:
+                        return  # the server is stopping (or has gone)
+                    buf += data
+                    msgs = [m for turn in unframe(buf) for m in turn]
+                for model in models:
+                    part = [m for m in msgs if m.model == model.name]
+                    if (part or model.busy()) and (out := model.turn(part)):
+                        sock.sendall(frame(out))
+        except OSError:  # the front end has gone
+            return

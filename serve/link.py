@@ -51,16 +51,13 @@ class WorkerLink(asyncio.Protocol):
 
     def wait_ready(self) -> None:
         """Block until the worker has opened its models (RuntimeError saying why it could not)."""
-        try:
-            while not (got := unframe(self._buf)):  # the worker sends nothing more until it has messages
-                data = self.sock.recv(1 << 16)
-                if not data:
-                    raise EOFError
-                self._buf += data
-        except (EOFError, OSError):
-            self.process.join(5)
-            raise RuntimeError(f"{self.process.name} exited (code {getattr(self.process, 'exitcode', None)}) "
-                               "while opening its models; its log is above") from None
+        while not (got := unframe(self._buf)):  # the worker sends nothing more until it has messages
+            data = self.sock.recv(1 << 16)  # a socket pair: its end closing reads as b""
+            if not data:
+                self.process.join(5)
+                raise RuntimeError(f"{self.process.name} exited (code {getattr(self.process, 'exitcode', None)}) "
+                                   "while opening its models; its log is above")
+            self._buf += data
         ready: Ready = got[0]
         if ready.models is None:
             raise RuntimeError(ready.error)

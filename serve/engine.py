@@ -12,7 +12,7 @@ import math
 import secrets
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
 
@@ -84,11 +84,10 @@ class Engine:
         self.vocabs: dict[str, Vocab] = {}
         self.streams: dict[int, _Stream] = {}  # Generate streams and Predict calls in flight, all models
         self.draining = False  # set: new requests are refused (UNAVAILABLE); those in flight carry on
-        self.idle, self._ids, self._sweeper = asyncio.Event(), itertools.count(), None  # idle: no request in flight
-        self.idle.set()
+        self._ids, self._sweeper = itertools.count(), None
 
-    async def start(self, health: Callable[[list[str], bool], None]) -> None:
-        """Attach to the workers on the running loop. health(models, serving): a worker died or is back."""
+    async def start(self, health: Callable[[list[str], bool], Awaitable[None]]) -> None:
+        """Attach to the workers on the running loop. await health(models, serving): a worker died or is back."""
         for link in self.links:
             await link.start(health)
             for name, info in link.models.items():
@@ -193,7 +192,6 @@ class Engine:
             raise ResourceExhausted(f"the server is at its limit of {self.cfg.max_streams} concurrent requests")
         s = _Stream(next(self._ids), link, session_id)
         self.streams[s.id] = s
-        self.idle.clear()
         return s
 
     def _close(self, s: _Stream, model: str) -> None:
@@ -201,8 +199,6 @@ class Engine:
             return
         if not s.ended and not s.link.dead:  # cancelled, failed on the way: the worker drops it
             s.link.send(Cancel(s.id, model))
-        if not self.streams:
-            self.idle.set()
 
     def _route(self, model: str):
         if self.draining:

@@ -64,7 +64,7 @@ class WorkerLink(asyncio.Protocol):
         self.models = ready.models
 
     async def start(self, health) -> None:
-        """Read the worker's messages on the running loop. health(models, serving): it died, or is back."""
+        """Read the worker's messages on the running loop. await health(models, serving): it died, or is back."""
         self.health, self._closed = health, asyncio.Event()
         await asyncio.get_running_loop().create_connection(lambda: self, sock=self.sock)
 
@@ -113,11 +113,11 @@ class WorkerLink(asyncio.Protocol):
         log.error("%s", self.dead)
         self._sessions = OrderedDict.fromkeys(self._sessions, True)
         self.on_death(self, Unavailable(self.dead))
-        self.health(list(self.models), False)
         self._restarting = asyncio.ensure_future(self._restart())
 
     async def _restart(self) -> None:
         """A new worker for the same models, after a backoff; until it serves, never giving up."""
+        await self.health(list(self.models), False)
         stable = time.monotonic() - self.started_at >= RESTART_STABLE_S
         while not self._stopping:
             self._delay = 0.0 if stable else min(max(2 * self._delay, RESTART_FIRST_S), RESTART_MAX_S)
@@ -135,7 +135,7 @@ class WorkerLink(asyncio.Protocol):
                 continue
             self.dead = None
             log.info("%s restarted: serving %s again", self.process.name, ", ".join(self.models))
-            return self.health(list(self.models), True)
+            return await self.health(list(self.models), True)
 
     async def stop(self) -> None:
         """Close the worker's socket: it ends its turn and exits (torch's teardown can take seconds)."""

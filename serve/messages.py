@@ -92,10 +92,8 @@ def frame(obj) -> bytes:
 
 def unframe(buf: bytearray) -> list:
     """The whole objects at the start of buf (taken out of it)."""
-    out, start, size = [], 0, _HEADER.size
-    while len(buf) - start >= size and len(buf) - start - size >= _HEADER.unpack_from(buf, start)[0]:
-        n = _HEADER.unpack_from(buf, start)[0]
-        out.append(pickle.loads(memoryview(buf)[start + size:start + size + n]))
-        start += size + n
-    del buf[:start]
+    out, h = [], _HEADER.size
+    while len(buf) >= h and len(buf) >= h + (n := _HEADER.unpack_from(buf)[0]):
+        out.append(pickle.loads(buf[h:h + n]))
+        del buf[:h + n]  # from a bytearray's front: O(1)
     return out

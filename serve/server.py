@@ -163,7 +163,6 @@ class Server:
         self.port = self.http_port = self.metrics_port = None
         self._grpc: grpc.aio.Server | None = None
         self.hurry = asyncio.Event()  # set: cut a drain's grace period short
-        self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> "Server":
         # SO_REUSEPORT off: a second server on a taken port must fail, not silently share it
@@ -203,10 +202,8 @@ class Server:
         await self.health.enter_graceful_shutdown()
         self.engine.draining = True
         log.info("draining: %d request(s) in flight, %.1f s grace", len(self.engine.streams), grace_s)
-        waits = [asyncio.ensure_future(self.engine.idle.wait()), asyncio.ensure_future(self.hurry.wait())]
-        await asyncio.wait(waits, timeout=grace_s, return_when=asyncio.FIRST_COMPLETED)
-        for w in waits:
-            w.cancel()
+        while self.engine.streams and not self.hurry.is_set() and time.monotonic() - t0 < grace_s:
+            await asyncio.sleep(0.05)
         if self.engine.streams:
             log.warning("cancelling %d request(s) still in flight", len(self.engine.streams))
         await self._grpc.stop(0)
@@ -214,16 +211,14 @@ class Server:
         await self.engine.stop()
         log.info("stopped after %.2f s", time.monotonic() - t0)
 
-    def _set_health(self, names: list[str], serving: bool) -> None:
+    async def _set_health(self, names: list[str], serving: bool) -> None:
         """Their worker process has gone, or is back: health says so for each model, and for the server as a
         whole (NOT_SERVING while any model cannot serve)."""
         if self.engine.draining:
             return
         status = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
         for name, ok in [*((n, serving) for n in names), *((n, not self.engine.down()) for n in ("", SERVICE))]:
-            task = asyncio.ensure_future(self.health.set(name, status[ok]))
-            self._tasks.add(task)  # the loop keeps only weak references to tasks
-            task.add_done_callback(self._tasks.discard)
+            await self.health.set(name, status[ok])
 
 
 async def run(cfg: ServerConfig, runtimes: dict[str, Runtime] | None = None) -> None:

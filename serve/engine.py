@@ -80,8 +80,10 @@ class Engine:
             for link in self.links:
                 link.kill()
             raise
-        self.routes: dict[str, WorkerLink] = {}
-        self.vocabs: dict[str, Vocab] = {}
+        self.routes: dict[str, WorkerLink] = {name: link for link in self.links for name in link.models}
+        self.vocabs = {m.id: Vocab(m.vocab) for m in self.models()}
+        for name in self.routes:
+            metrics.model(name)
         self.streams: dict[int, _Stream] = {}  # Generate streams and Predict calls in flight, all models
         self.draining = False  # set: new requests are refused (UNAVAILABLE); those in flight carry on
         self._ids, self._sweeper = itertools.count(), None
@@ -90,9 +92,6 @@ class Engine:
         """Attach to the workers on the running loop. await health(models, serving): a worker died or is back."""
         for link in self.links:
             await link.start(health)
-            for name, info in link.models.items():
-                self.routes[name], self.vocabs[name] = link, Vocab(info.vocab)
-                self.metrics.model(name)
         self._sweeper = asyncio.ensure_future(self._sweep_stalled())
 
     async def stop(self) -> None:

@@ -186,10 +186,10 @@ class Server:
         await self.engine.start(self._set_health)
         await server.start()
         self.http.ready = True
-        self.models = [m.id for m in self.engine.models()]
-        for name in ["", SERVICE, *self.models]:  # overall, the service, and each model by id
+        models = list(self.engine.routes)
+        for name in ["", SERVICE, *models]:  # overall, the service, and each model by id
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %d model(s) (%s) on %s:%d (gRPC)%s%s%s", len(self.models), ", ".join(self.models),
+        log.info("serving %d model(s) (%s) on %s:%d (gRPC)%s%s%s", len(models), ", ".join(models),
                  self.cfg.host, self.port, f", HTTP on :{self.http_port}" if self.http_port else "",
                  f", metrics on :{self.metrics_port}" if self.metrics_port else "",
                  " (API key required)" if self.cfg.api_key else "")

@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 
 from serve.errors import Unavailable
-from serve.messages import Ready, frame, unframe
+from serve.messages import frame, unframe
 from serve.worker import worker_main
 
 log = logging.getLogger(__name__)
@@ -58,10 +58,9 @@ class WorkerLink(asyncio.Protocol):
                 raise RuntimeError(f"{self.process.name} exited (code {getattr(self.process, 'exitcode', None)}) "
                                    "while opening its models; its log is above")
             self._buf += data
-        ready: Ready = got[0]
-        if ready.models is None:
-            raise RuntimeError(ready.error)
-        self.models = ready.models
+        if isinstance(got[0], RuntimeError):
+            raise got[0]
+        self.models = got[0]
 
     async def start(self, health) -> None:
         """Read the worker's messages on the running loop. await health(models, serving): it died, or is back."""

@@ -1,7 +1,8 @@
 """The messages between the front end and a worker: plain dataclasses, a list of them per turn.
 
 front end -> worker: Submit, Predict, Credit, Cancel (a list per turn; closing the socket stops the worker)
-worker -> front end: Ready (once), Generations (one per model step: every stream's text of the step)
+worker -> front end: its models (a dict of ModelInfo, or the RuntimeError that stopped it opening them) once,
+then Generations (one per model step: every stream's text of the step)
 Each list or Generations is pickled once, behind a 4-byte length; hidden state is in none of them.
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from serve.errors import ServeError
-from serve.types import CharLogprob, FinishReason, GenerateRequest, GenerateStats, ModelInfo, Prediction
+from serve.types import CharLogprob, FinishReason, GenerateRequest, GenerateStats, Prediction
 
 
 @dataclass
@@ -46,12 +47,6 @@ class Credit:
 class Cancel:
     id: int
     model: str
-
-
-@dataclass
-class Ready:
-    models: dict[str, ModelInfo] | None  # None: the worker could not open them (error says why)
-    error: str = ""
 
 
 @dataclass

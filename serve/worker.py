@@ -18,7 +18,7 @@ import numpy as np
 
 from serve.batch import Batch, Prefilled, Row
 from serve.errors import NotFound
-from serve.messages import Cancel, Credit, Generations, Predict, Ready, Submit, error_of, frame, unframe
+from serve.messages import Cancel, Credit, Generations, Predict, Submit, error_of, frame, unframe
 from serve.metrics import ModelMetrics
 from serve.sessions import Session, SessionCache
 from serve.types import ModelInfo, Prediction, SessionState
@@ -174,7 +174,7 @@ class Model:
 
 
 def worker_main(sock: socket.socket, opener, settings: dict, own_process: bool = True) -> None:
-    """A worker: open the models (opener()), say Ready, then read messages and give each model a turn until
+    """A worker: open the models (opener()), say which, then read messages and give each model a turn until
     the front end closes its end of the socket. In a process of its own, or a thread of the server's."""
     if own_process:
         # Ctrl-C and a service manager's SIGTERM reach the whole process group: the server drains, then stops us
@@ -186,13 +186,13 @@ def worker_main(sock: socket.socket, opener, settings: dict, own_process: bool =
         try:
             runtimes = opener()
         except Exception as e:
-            return sock.sendall(frame(Ready(None, str(e))))
+            return sock.sendall(frame(RuntimeError(str(e))))
         sessions = SessionCache(settings["session_ttl_s"], settings["max_sessions"],
                                 max_bytes=settings["max_session_bytes"])
         models = [Model(name, rt, sessions, settings["max_batch"], settings["prefill_chunk"])
                   for name, rt in runtimes.items()]
-        sock.sendall(frame(Ready({name: ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars,
-                                                  rt.backend) for name, rt in runtimes.items()})))
+        sock.sendall(frame({name: ModelInfo(name, rt.cell, rt.hidden_size, rt.fc_layers, rt.vocab.chars, rt.backend)
+                            for name, rt in runtimes.items()}))
         buf, busy, poller = bytearray(), False, select.poll()
         poller.register(sock, select.POLLIN)
         try:

@@ -217,7 +217,8 @@ class Server:
         if self.engine.draining:
             return
         status = {True: health_pb2.HealthCheckResponse.SERVING, False: health_pb2.HealthCheckResponse.NOT_SERVING}
-        for name, ok in [*((n, serving) for n in names), *((n, not self.engine.down()) for n in ("", SERVICE))]:
+        everything = not self.engine.down()
+        for name, ok in [*((n, serving) for n in names), ("", everything), (SERVICE, everything)]:
             await self.health.set(name, status[ok])
 
 
